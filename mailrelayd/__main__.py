@@ -1,0 +1,3 @@
+from mailrelayd.cli import main
+
+raise SystemExit(main())

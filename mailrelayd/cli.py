@@ -1,0 +1,101 @@
+"""The `mailrelayd` command: parse flags, build the config, run or drain the relay."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from mailrelayd import __version__
+from mailrelayd.config import DEFAULT_CONFIG, OPTIONS, Config, ConfigError, build, read_toml
+from mailrelayd.log import configure, get_logger
+from mailrelayd.queues.sqlite import SqliteQueue
+from mailrelayd.relay import Relay, RetryPolicy
+from mailrelayd.transports.maildir import MaildirTransport
+from mailrelayd.transports.pipe import PipeTransport
+
+EX_USAGE, EX_CONFIG = 64, 78
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EX_USAGE, f"mailrelayd: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mailrelayd",
+        description="Relay the mail that Fossil queues in emailqueue.db to sendmail (or a Maildir).",
+        epilog="Every option is also a key of the TOML config file, with _ for -; flags win over the file. "
+        "Durations take s, m, h or d (300, 5m, 1h, 5d). Drain exit status: 0 all sent, 75 some deferred, "
+        "65 some set aside as failed, 66 queue unreadable, 78 bad configuration.",
+    )
+    parser.add_argument("--config", metavar="FILE", help=f"TOML configuration (default: {DEFAULT_CONFIG} if it exists)")
+    parser.add_argument("--drain", action="store_true", help="deliver every message that is due, then exit")
+    parser.add_argument("--version", action="version", version=f"mailrelayd {__version__}")
+    for option in OPTIONS:
+        parser.add_argument(
+            "--" + option.key.replace("_", "-"), dest=option.key, metavar=option.metavar,
+            help=option.help, default=argparse.SUPPRESS,
+        )
+    return parser
+
+
+def load(args: argparse.Namespace) -> Config:
+    flags = {o.key: getattr(args, o.key) for o in OPTIONS if hasattr(args, o.key)}
+    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    file_values = read_toml(path) if args.config or DEFAULT_CONFIG.exists() else {}
+    return build(file_values, flags, source=str(path))
+
+
+def make_relay(config: Config) -> Relay:
+    queue = SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention)
+    transport = (
+        MaildirTransport(config.maildir)
+        if config.maildir
+        else PipeTransport(config.command, config.timeout, config.permanent_exit_codes)
+    )
+    retry = RetryPolicy(config.retry_delay, config.max_retry_delay, config.max_age)
+    return Relay(queue, transport, workers=config.workers, retry=retry,
+                 poll_interval=config.poll_interval, envelope_from=config.envelope_from)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(args)
+    except ConfigError as e:
+        print(f"mailrelayd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    configure(config.log_format, config.log_level)
+    log = get_logger()
+    relay = make_relay(config)
+    if not config.maildir and not _runnable(config.command[0]):
+        log.error("command_not_runnable", command=config.command[0],
+                  note="messages stay queued and are retried until it can be run")
+    if args.drain:
+        return _drain(relay, log)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: relay.stop())
+    signal.signal(signal.SIGUSR1, lambda *_: relay.wake())
+    relay.run()
+    return 0
+
+
+def _drain(relay: Relay, log) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: relay.stop())
+    report = relay.drain()
+    if report.queue_error:
+        log.error("queue_unavailable", error=report.queue_error)
+    log.info("drain_done", sent=report.sent, deferred=report.deferred, failed=report.failed,
+             exit_status=report.exit_status)
+    return report.exit_status
+
+
+def _runnable(program: str) -> bool:
+    found = shutil.which(program)
+    return found is not None and os.access(found, os.X_OK)

@@ -1,0 +1,199 @@
+"""The one frozen configuration: built once from defaults, the TOML file and flags.
+
+Every setting has a TOML key and a command-line flag of the same name (`poll_interval`
+and `--poll-interval`); flags win over the file, the file over defaults. Values are
+checked here, once; a bad one raises ConfigError with a single line naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("/etc/mailrelayd.toml")
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or has a bad value (exit status 78)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    db: Path | None = None
+    command: tuple[str, ...] = ("/usr/sbin/sendmail", "-ti")
+    maildir: Path | None = None
+    workers: int = 4
+    timeout: float = 60.0
+    poll_interval: float = 10.0
+    permanent_exit_codes: frozenset[int] = frozenset({65, 67})
+    retry_delay: float = 300.0
+    max_retry_delay: float = 3600.0
+    max_age: float = 5 * 86400.0
+    sentlog_retention: float = 30 * 86400.0
+    envelope_from: str = "header"
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def lease(self) -> float:
+        """How long a claim keeps other hosts off a message: past any delivery's timeout."""
+        return 2 * self.timeout + 60
+
+
+# -- value parsers: each takes a TOML value or a flag's string, returns the value or
+#    raises ValueError saying what is expected ------------------------------------------
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a path")
+    return Path(value)
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a command line such as '/usr/sbin/sendmail -ti'")
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as e:
+        raise ValueError(f"cannot split it like a shell would: {e}") from None
+    if not argv:
+        raise ValueError("expected a command line such as '/usr/sbin/sendmail -ti'")
+    return argv
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(minimum: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)):
+            seconds = float(m[1]) * _UNITS[m[2]]
+        else:
+            raise ValueError("expected a duration such as 30, 30s, 5m, 1h or 5d")
+        if not minimum <= seconds <= 10 * 365 * 86400:
+            raise ValueError(f"expected a duration of at least {minimum:g} s")
+        return seconds
+
+    return parse
+
+
+def _exit_codes(value: Any) -> frozenset[int]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of exit statuses such as 65,67")
+    parse = _int_range(1, 255)
+    try:
+        codes = frozenset(parse(v.strip() if isinstance(v, str) else v) for v in items if v != "")
+    except ValueError:
+        raise ValueError("expected a list of exit statuses from 1 to 255, such as 65,67") from None
+    if 75 in codes:
+        raise ValueError("75 (EX_TEMPFAIL) always means try again later")
+    return codes
+
+
+def _envelope_from(value: Any) -> str:
+    from mailrelayd.message import safe_address
+
+    if value in ("header", "none") or (isinstance(value, str) and safe_address(value)):
+        return value
+    raise ValueError("expected 'header', 'none' or an address such as noreply@example.org")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    parse: Callable[[Any], Any]
+    metavar: str
+    help: str
+
+
+OPTIONS = [
+    Option("db", _path, "FILE", "Fossil's email queue database (email-send-db)"),
+    Option("command", _command, "CMD", "sendmail-compatible command, split like a shell but not run by one"
+           " (default: '/usr/sbin/sendmail -ti')"),
+    Option("maildir", _path, "DIR", "deliver into this local Maildir instead of running a command"),
+    Option("workers", _int_range(1, 256), "N", "deliveries run at once (default: 4)"),
+    Option("timeout", _duration(1), "DURATION", "kill a delivery that takes longer (default: 60s)"),
+    Option("poll_interval", _duration(0.1), "DURATION", "scan this often even without file events (default: 10s)"),
+    Option("permanent_exit_codes", _exit_codes, "LIST", "command exit statuses that mean the message itself is"
+           " undeliverable (default: 65,67); every other failure is retried"),
+    Option("retry_delay", _duration(1), "DURATION", "first retry after a temporary failure (default: 5m)"),
+    Option("max_retry_delay", _duration(1), "DURATION", "longest wait between retries (default: 1h)"),
+    Option("max_age", _duration(0), "DURATION", "give up retrying a message this old (default: 5d)"),
+    Option("sentlog_retention", _duration(0), "DURATION", "keep sentlog rows this long (default: 30d)"),
+    Option("envelope_from", _envelope_from, "ADDR", "envelope sender: 'header' (Sender:, else From:),"
+           " 'none', or a fixed address (default: header)"),
+    Option("log_format", _choice("auto", "console", "json"), "FORMAT", "auto (key=value on a terminal, JSON"
+           " lines otherwise), console or json (default: auto)"),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "LEVEL", "least important events logged"
+           " (default: info)"),
+]
+_BY_KEY = {o.key: o for o in OPTIONS}
+assert set(_BY_KEY) == {f.name for f in fields(Config)}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def build(file_values: dict[str, Any], flag_values: dict[str, Any], source: str = "") -> Config:
+    """The validated Config from the file's values overridden by the flags' values."""
+    values: dict[str, Any] = {}
+    for origin, given in ((source or "config", file_values), ("flag", flag_values)):
+        for key, raw in given.items():
+            option = _BY_KEY.get(key)
+            if option is None:
+                raise ConfigError(f"{origin}: unknown key '{key}'")
+            try:
+                values[key] = option.parse(raw)
+            except ValueError as e:
+                shown = f"--{key.replace('_', '-')}" if origin == "flag" else key
+                raise ConfigError(f"bad value for {shown} ({raw!r}): {e}") from None
+    if "maildir" in values and "command" in values:
+        if ("maildir" in flag_values) == ("command" in flag_values):
+            raise ConfigError("command and maildir both given: choose one way to deliver")
+        del values["command" if "maildir" in flag_values else "maildir"]
+    if "db" not in values:
+        raise ConfigError("no queue given: set db (--db FILE)")
+    config = Config(**values)
+    if config.max_retry_delay < config.retry_delay:
+        raise ConfigError("bad value for max_retry_delay: shorter than retry_delay")
+    return config

@@ -1,0 +1,114 @@
+"""Read what delivery needs from a queued RFC 822 message, without touching its body.
+
+Only the header block is parsed; the message itself is passed on byte for byte.
+Messages come from inside a jail, so nothing here trusts them: an address is only
+offered for a command line when it is plainly an address.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_FIELD_LINE = re.compile(rb"[!-9;-~]+:")
+_SAFE_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@(?:\w(?:[\w.-]*\w)?|\[[0-9A-Fa-f:.]+\])")
+
+
+class MalformedMessage(ValueError):
+    """The queued data cannot be delivered as a message (no header, no recipients)."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Who a message is from and to, and what to log about it.
+
+    `sender` is the envelope sender taken from Sender:, else From:, or None when the
+    header holds nothing safe to pass on. `recipients` come from To:, Cc: and Bcc:.
+    """
+
+    sender: str | None
+    recipients: tuple[str, ...]
+    from_address: str
+    to_header: str
+    subject: str
+    size: int
+
+
+def header_block(data: bytes) -> bytes:
+    """The message's header lines, without the blank line that ends them."""
+    end = _HEADER_END.search(data)
+    return data if end is None else data[: end.start()]
+
+
+def read_envelope(data: bytes) -> Envelope:
+    """Parse the header of `data`; raise MalformedMessage if it cannot be mailed."""
+    header = header_block(data)
+    if not _FIELD_LINE.match(header):
+        raise MalformedMessage("message has no header")
+    fields = BytesHeaderParser(policy=compat32).parsebytes(header)
+    recipients = tuple(
+        address
+        for _, address in getaddresses(
+            [str(v) for name in ("To", "Cc", "Bcc") for v in fields.get_all(name, [])]
+        )
+        if address.strip()
+    )
+    if not recipients:
+        raise MalformedMessage("message has no recipients in To:, Cc: or Bcc:")
+    from_address = _first_address(fields, "From") or ""
+    sender_address = _first_address(fields, "Sender") or from_address
+    return Envelope(
+        sender=safe_address(sender_address),
+        recipients=recipients,
+        from_address=_printable(from_address),
+        to_header=_printable(", ".join(a for _, a in getaddresses(fields.get_all("To", [])))),
+        subject=_decoded(fields.get("Subject", "")),
+        size=len(data),
+    )
+
+
+def safe_address(address: str) -> str | None:
+    """`address` if it may be put on a command line or in MAIL FROM, else None.
+
+    Refuses anything that is not a plain local@domain, and anything starting with "-"
+    (it would be read as an option).
+    """
+    if (
+        not address
+        or address.startswith("-")
+        or len(address) > 254
+        or not address.isprintable()
+        or not _SAFE_ADDRESS.fullmatch(address)
+    ):
+        return None
+    return address
+
+
+def to_lf(data: bytes) -> bytes:
+    """The message with local (LF) line endings, as a sendmail pipe expects."""
+    return data.replace(b"\r\n", b"\n")
+
+
+def _first_address(fields, name: str) -> str | None:
+    values = fields.get_all(name, [])
+    if not values:
+        return None
+    addresses = [a for _, a in getaddresses([str(v) for v in values]) if a]
+    return addresses[0] if addresses else None
+
+
+def _decoded(value) -> str:
+    try:
+        text = str(make_header(decode_header(str(value))))
+    except (ValueError, LookupError, UnicodeError):
+        text = str(value)
+    return _printable(" ".join(text.split()))[:200]
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8", "replace")

@@ -1,0 +1,42 @@
+"""The result of one delivery attempt: sent, temporary failure or permanent failure.
+
+Transports return one of these; the relay decides from it what happens to the message
+(acknowledge, defer for a retry, or set aside for the administrator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sent:
+    """The mail system accepted the message; it may leave the queue."""
+
+    detail: str = ""
+    name = "sent"
+
+
+@dataclass(frozen=True)
+class TemporaryFailure:
+    """The attempt failed in a way that may pass: keep the message and try again later.
+
+    `setup_error` marks failures of our own set-up (a missing or broken command, an
+    unwritable directory) rather than of the message or the remote side: the relay
+    reports those loudly, since no retry will help until someone fixes them.
+    """
+
+    detail: str
+    setup_error: bool = False
+    name = "deferred"
+
+
+@dataclass(frozen=True)
+class PermanentFailure:
+    """The message itself cannot be delivered: set it aside, with the reason."""
+
+    detail: str
+    name = "failed"
+
+
+Outcome = Sent | TemporaryFailure | PermanentFailure

@@ -1,0 +1,85 @@
+"""Queues hold messages until the mail system has taken them.
+
+Every queue follows claim, then acknowledge: `claim` marks due messages as being
+delivered by this process (skipping what another process holds) and returns them;
+exactly one of `mark_sent`, `defer` or `set_aside` then records what happened, or
+`release` hands an unstarted claim back. Nothing leaves a queue on claim. A queue knows
+nothing of transports. Methods are called from one thread only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mailrelayd.message import Envelope
+
+
+class QueueError(Exception):
+    """The queue cannot be opened, read or written right now; the message says why."""
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One claimed message: its id in its queue, its bytes, and its delivery history."""
+
+    id: int | str
+    data: bytes
+    attempts: int
+    first_seen: float
+
+
+class Queue(Protocol):
+    name: str
+    watch_dir: Path
+
+    def open(self) -> None: ...
+
+    def wants_event(self, path: str) -> bool: ...
+
+    def claim(self, now: float, limit: int) -> list[QueuedMessage]: ...
+
+    def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None: ...
+
+    def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float) -> None: ...
+
+    def set_aside(self, msg: QueuedMessage, reason: str, now: float) -> None: ...
+
+    def release(self, msgs: list[QueuedMessage]) -> None: ...
+
+    def next_due(self, now: float) -> float | None: ...
+
+    def maintain(self, now: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def owner_token(pid: int | None = None) -> str:
+    """Names a claiming process so that its claims can be taken back once it is gone."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """True when `owner` names a process on this host that no longer exists.
+
+    The process start time in the token tells a reused pid from the original one.
+    Claims by other hosts are never judged gone; their lease must run out.
+    """
+    host, _, rest = owner.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    now_start = _start_time(int(pid))
+    return now_start == "gone" or now_start != start
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat.rpartition(")")[2].split()[19]

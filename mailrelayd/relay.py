@@ -1,0 +1,313 @@
+"""The relay: take due messages from a queue, deliver them concurrently, record outcomes.
+
+`drain` is one pass (deliver everything due, then return); `run` is the daemon loop,
+the same engine woken by file events, signals and a poll timer. Queue access stays on
+the calling thread; only transports run on the worker threads.
+"""
+
+from __future__ import annotations
+
+import queue as stdqueue
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from mailrelayd.log import get_logger
+from mailrelayd.message import Envelope, MalformedMessage, read_envelope
+from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
+from mailrelayd.queues import Queue, QueuedMessage, QueueError
+from mailrelayd.transports import Transport
+from mailrelayd.watch import DirectoryWatcher
+
+EX_OK, EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL = 0, 65, 66, 75
+MAINTAIN_EVERY = 3600.0
+
+
+@dataclass
+class DrainReport:
+    """What one pass did; its exit status is the drain's."""
+
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    queue_error: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        if self.queue_error:
+            return EX_NOINPUT
+        return EX_TEMPFAIL if self.deferred else EX_DATAERR if self.failed else EX_OK
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, until a message is `max_age` old."""
+
+    first_delay: float = 300.0
+    max_delay: float = 3600.0
+    max_age: float = 5 * 86400.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return min(self.max_delay, self.first_delay * 2 ** min(attempt - 1, 32)) * rng.uniform(0.9, 1.1)
+
+
+@dataclass(frozen=True)
+class _Done:
+    msg: QueuedMessage
+    envelope: Envelope | None
+    outcome: Outcome
+    ms: float
+
+
+_WAKE = object()
+
+
+class Relay:
+    def __init__(
+        self,
+        queue: Queue,
+        transport: Transport,
+        *,
+        workers: int = 4,
+        retry: RetryPolicy = RetryPolicy(),
+        poll_interval: float = 10.0,
+        envelope_from: str = "header",
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ):
+        self.queue = queue
+        self.transport = transport
+        self.workers = workers
+        self.retry = retry
+        self.poll_interval = poll_interval
+        self.envelope_from = envelope_from
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.log = get_logger(queue=queue.name)
+        self._events: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
+        self._wake_posted = False
+        self._stopping = False
+        self._unrecorded: list[_Done] = []
+
+    # -- called from signal handlers and other threads: set flags, post a token ----
+
+    def wake(self) -> None:
+        """Scan the queue now. Safe from signal handlers and the watcher's thread."""
+        if not self._wake_posted:
+            self._wake_posted = True
+            self._events.put(_WAKE)
+
+    def stop(self) -> None:
+        """Take no new work; `run` returns once in-flight deliveries are done."""
+        self._stopping = True
+        self._events.put(_WAKE)
+
+    # -- the two ways to run ------------------------------------------------------
+
+    def drain(self) -> DrainReport:
+        """Deliver every message that is due now, then return what happened."""
+        report = DrainReport()
+        try:
+            self.queue.open()
+            self._maintain()
+        except QueueError as e:
+            report.queue_error = str(e)
+            return report
+        self._loop(report, until_idle=True)
+        return report
+
+    def run(self, on_ready: Callable[[], None] = lambda: None) -> None:
+        """Relay until `stop()`: wake on file events, SIGUSR1 (`wake`) and every poll interval."""
+        watcher = DirectoryWatcher(self.queue.watch_dir, self.queue.wants_event, self.wake)
+        problem = None
+        while not self._stopping:
+            why = watcher.start()
+            if why and why != problem:
+                self.log.warning("file_events_unavailable", reason=why, poll_interval_s=self.poll_interval)
+                problem = why
+            try:
+                self.queue.open()
+                break
+            except QueueError as e:
+                if str(e) != problem:
+                    self.log.error("queue_unavailable", error=str(e), retry_in_s=self.poll_interval)
+                    problem = str(e)
+                self._wait(self.poll_interval)
+        if not self._stopping:
+            self.log.info("relay_started", workers=self.workers, file_events=watcher.running)
+            on_ready()
+            self._maintain()
+            self._loop(DrainReport(), until_idle=False, watcher=watcher)
+        watcher.stop()
+        self.log.info("relay_stopped")
+
+    # -- the engine ---------------------------------------------------------------
+
+    def _loop(self, report: DrainReport, until_idle: bool, watcher: DirectoryWatcher | None = None) -> None:
+        inflight: dict[Future, QueuedMessage] = {}
+        capacity = 2 * self.workers
+        want_claim, backlog = True, False
+        next_maintain = self.clock() + MAINTAIN_EVERY
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="deliver") as pool:
+            while True:
+                self._record_unrecorded(report)
+                if self._stopping:
+                    break
+                now = self.clock()
+                if want_claim and len(inflight) <= self.workers:
+                    want_claim = False
+                    asked = capacity - len(inflight)
+                    try:
+                        claimed = self.queue.claim(now, asked)
+                    except QueueError as e:
+                        self.log.error("queue_error", error=str(e))
+                        if until_idle:
+                            report.queue_error = str(e)
+                        claimed = []
+                    for msg in claimed:
+                        future = pool.submit(self._deliver, msg)
+                        inflight[future] = msg
+                        future.add_done_callback(self._events.put)
+                    backlog = len(claimed) == asked
+                if until_idle and not inflight and not backlog and not want_claim:
+                    break
+                if until_idle and report.queue_error and not inflight:
+                    break
+                item = self._next_event(None if until_idle else self._idle_timeout(now, inflight))
+                if item is None:  # poll timer
+                    want_claim = True
+                    if watcher is not None and not watcher.running:
+                        watcher.start()
+                    if self.clock() >= next_maintain:
+                        self._maintain()
+                        next_maintain = self.clock() + MAINTAIN_EVERY
+                elif item is _WAKE:
+                    want_claim = True
+                else:
+                    msg = inflight.pop(item)
+                    if item.cancelled():
+                        self._release([msg])
+                    else:
+                        self._settle(item.result(), report)
+                    want_claim = want_claim or backlog
+            for future in list(inflight):
+                if future.cancel():
+                    self._release([inflight.pop(future)])
+            while inflight:
+                item = self._next_event(None)
+                if isinstance(item, Future) and item in inflight:
+                    inflight.pop(item)
+                    if not item.cancelled():
+                        self._settle(item.result(), report)
+        self._record_unrecorded(report, final=True)
+
+    def _next_event(self, timeout: float | None):
+        try:
+            item = self._events.get(timeout=timeout)
+        except stdqueue.Empty:
+            return None
+        if item is _WAKE:
+            self._wake_posted = False
+        return item
+
+    def _idle_timeout(self, now: float, inflight: dict) -> float:
+        if inflight:
+            return self.poll_interval
+        try:
+            due = self.queue.next_due(now)
+        except QueueError:
+            due = None
+        # Due now yet not claimable (another process holds it): still never spin.
+        wait = self.poll_interval if due is None else max(due - now, 1.0)
+        return min(wait, self.poll_interval)
+
+    def _wait(self, seconds: float) -> None:
+        self._next_event(seconds)
+
+    # -- one delivery (on a worker thread) ----------------------------------------
+
+    def _deliver(self, msg: QueuedMessage) -> _Done:
+        started = time.perf_counter()
+        try:
+            envelope = read_envelope(msg.data)
+        except MalformedMessage as e:
+            return _Done(msg, None, PermanentFailure(str(e)), 0.0)
+        if self.envelope_from != "header":
+            envelope = replace(envelope, sender=None if self.envelope_from == "none" else self.envelope_from)
+        try:
+            outcome = self.transport.deliver(msg.data, envelope)
+        except Exception as e:  # a transport bug must never lose the message
+            outcome = TemporaryFailure(f"internal error in transport: {e!r}", setup_error=True)
+        return _Done(msg, envelope, outcome, (time.perf_counter() - started) * 1000)
+
+    # -- recording outcomes (on the relay's thread) -------------------------------
+
+    def _settle(self, done: _Done, report: DrainReport) -> None:
+        try:
+            self._record(done, report)
+        except QueueError as e:
+            self.log.error("outcome_not_recorded", emailid=done.msg.id, error=str(e), will_retry=True)
+            self._unrecorded.append(done)
+
+    def _record_unrecorded(self, report: DrainReport, final: bool = False) -> None:
+        pending, self._unrecorded = self._unrecorded, []
+        for done in pending:
+            self._settle(done, report)
+        if final:
+            for done in self._unrecorded:
+                self.log.critical(
+                    "outcome_lost", emailid=done.msg.id, outcome=done.outcome.name,
+                    note="the queue still holds this message; it will be tried again",
+                )
+
+    def _record(self, done: _Done, report: DrainReport) -> None:
+        msg, envelope, outcome = done.msg, done.envelope, done.outcome
+        now = self.clock()
+        attempt = msg.attempts + 1
+        context = dict(
+            emailid=msg.id,
+            to=",".join(envelope.recipients) if envelope else None,
+            subject=envelope.subject if envelope else None,
+            size=len(msg.data),
+            attempt=attempt,
+            ms=round(done.ms, 1),
+        )
+        match outcome:
+            case Sent():
+                self.queue.mark_sent(msg, envelope, now)
+                report.sent += 1
+                self.log.info("message_sent", outcome="sent", **context)
+            case PermanentFailure(detail=detail):
+                self.queue.set_aside(msg, detail, now)
+                report.failed += 1
+                self.log.error("message_failed", outcome="failed", reason=detail, **context)
+            case TemporaryFailure(detail=detail) if now - msg.first_seen >= self.retry.max_age:
+                reason = f"gave up after {attempt} attempts over {_days(now - msg.first_seen)}: {detail}"
+                self.queue.set_aside(msg, reason, now)
+                report.failed += 1
+                self.log.error("message_failed", outcome="failed", reason=reason, **context)
+            case TemporaryFailure(detail=detail, setup_error=setup_error):
+                delay = self.retry.delay(attempt, self.rng)
+                self.queue.defer(msg, detail, now + delay, now)
+                report.deferred += 1
+                level = self.log.error if setup_error else self.log.warning
+                level("message_deferred", outcome="deferred", reason=detail, retry_in_s=round(delay), **context)
+
+    def _release(self, msgs: list[QueuedMessage]) -> None:
+        try:
+            self.queue.release(msgs)
+        except QueueError as e:
+            self.log.warning("release_failed", error=str(e), note="the claims lapse when this process exits")
+
+    def _maintain(self) -> None:
+        try:
+            self.queue.maintain(self.clock())
+        except QueueError as e:
+            self.log.warning("maintenance_failed", error=str(e))
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds / 3600:.1f} hours"

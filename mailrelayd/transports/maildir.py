@@ -1,0 +1,52 @@
+"""Deliver into a local Maildir: write under tmp/, then rename into new/.
+
+For trying mailrelayd out without an MTA and for reading exactly what would have been
+sent. Messages are stored with local (LF) line endings, as Maildir readers expect.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+from mailrelayd.message import Envelope, to_lf
+from mailrelayd.outcome import Outcome, Sent, TemporaryFailure
+
+
+class MaildirTransport:
+    """Writes each message as one file in `root`/new, created with tmp/ and cur/."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._counter = itertools.count()
+        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+    def deliver(self, data: bytes, envelope: Envelope) -> Outcome:
+        try:
+            for sub in ("tmp", "new", "cur"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            name = f"{time.time_ns() // 1000}.P{os.getpid()}Q{next(self._counter)}.{self._host}"
+            tmp = self.root / "tmp" / name
+            with open(tmp, "xb") as f:
+                f.write(to_lf(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.root / "new" / name)
+            _fsync_dir(self.root / "new")
+        except OSError as e:
+            return TemporaryFailure(f"cannot write to maildir {self.root}: {e.strerror or e}", setup_error=True)
+        return Sent(f"new/{name}")
+
+    def close(self) -> None:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,69 @@
+"""Wake the relay when a queue's files change (inotify through watchdog).
+
+Events only wake the relay's loop; nothing is delivered on the watcher's thread. Where
+no events can be had (a missing directory, a file system without inotify, no watches
+left), the relay still finds new mail by polling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+_WAKING_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent]
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, wants: Callable[[str], bool], wake: Callable[[], None]):
+        self._wants = wants
+        self._wake = wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        paths = (event.src_path, getattr(event, "dest_path", "") or "")
+        if any(p and self._wants(str(p)) for p in paths):
+            self._wake()
+
+
+class DirectoryWatcher:
+    """Calls `wake()` whenever a file in `directory` that `wants(path)` accepts is
+    created, written, closed after writing or moved in."""
+
+    def __init__(self, directory: Path, wants: Callable[[str], bool], wake: Callable[[], None]):
+        self.directory = directory
+        self._handler = _Handler(wants, wake)
+        self._observer = None
+
+    @property
+    def running(self) -> bool:
+        return self._observer is not None
+
+    def start(self) -> str | None:
+        """Start watching; return None on success, else why events are unavailable."""
+        if self._observer is not None:
+            return None
+        if not self.directory.is_dir():
+            return f"{self.directory}: no such directory"
+        observer = Observer()
+        try:
+            observer.schedule(self._handler, str(self.directory), event_filter=_WAKING_EVENTS)
+            observer.start()
+        except OSError as e:
+            return f"{self.directory}: {e.strerror or e}"
+        self._observer = observer
+        return None
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
