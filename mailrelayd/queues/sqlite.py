@@ -74,7 +74,7 @@ class SqliteQueue:
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             conn.execute("PRAGMA synchronous=NORMAL")
-            _create_schema(sqlite_utils.Database(conn))
+            _create_schema(sqlite_utils.Database(conn), self.path)
         except sqlite3.DatabaseError as e:
             conn.close()
             if "not a database" in str(e):
@@ -210,13 +210,12 @@ class SqliteQueue:
             raise QueueError(f"{self.path}: {e}") from None
 
 
-def _create_schema(db: sqlite_utils.Database) -> None:
+def _create_schema(db: sqlite_utils.Database, path: Path) -> None:
     """Create Fossil's and the Tcl script's tables if missing, and ours; change nothing else."""
     if "email" in db.table_names():
         columns = db["email"].columns_dict
         if "emailid" not in columns or "msg" not in columns:
-            raise QueueError(f"{db.conn.execute('PRAGMA database_list').fetchone()[2]}: "
-                             "table email has no emailid and msg columns: not a Fossil email queue")
+            raise QueueError(f"{path}: table email has no emailid and msg columns: not a Fossil email queue")
     db["email"].create({"emailid": int, "msg": str}, pk="emailid", if_not_exists=True)
     db["sentlog"].create({"mtime": int, "xto": str, "xfrom": str, "xsubject": str, "xsize": int}, if_not_exists=True)
     db["mailrelayd_queue"].create(

@@ -1,0 +1,181 @@
+"""Shared fixtures: real SQLite queue files, a fake sendmail, an injected clock."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailrelayd.queues.sqlite import SqliteQueue
+from mailrelayd.relay import Relay, RetryPolicy
+from mailrelayd.transports.pipe import PipeTransport
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_SENDMAIL = r"""#!/bin/sh
+# Fake sendmail for tests: records argv and stdin, then exits with CTL/status.
+ctl="@CTL@"
+d=$(mktemp -d "$ctl/calls/call.XXXXXXXX")
+printf '%s\n' "$@" > "$d/argv"
+cat > "$d/stdin"
+if [ -s "$ctl/barrier" ]; then
+    # Wait (at most 10 s) until this many deliveries run at once; else fail.
+    n=$(cat "$ctl/barrier"); i=0
+    touch "$ctl/arrived.$$"
+    while [ "$(ls "$ctl" | grep -c '^arrived\.')" -lt "$n" ]; do
+        i=$((i+1)); [ $i -gt 1000 ] && exit 75
+        sleep 0.01
+    done
+fi
+[ -s "$ctl/delay" ] && sleep "$(cat "$ctl/delay")"
+[ -s "$ctl/say" ] && cat "$ctl/say" >&2
+touch "$d/done"
+exit "$(cat "$ctl/status" 2>/dev/null || echo 0)"
+"""
+
+
+class FakeSendmail:
+    """An executable sendmail stand-in; `calls()` gives (argv, stdin bytes) per run."""
+
+    def __init__(self, root: Path):
+        self.ctl = root
+        (root / "calls").mkdir(parents=True)
+        self.path = root / "sendmail"
+        self.path.write_text(FAKE_SENDMAIL.replace("@CTL@", str(root)))
+        self.path.chmod(self.path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+    def exit_with(self, status: int, say: str = "") -> None:
+        (self.ctl / "status").write_text(str(status))
+        (self.ctl / "say").write_text(say)
+
+    def take_seconds(self, seconds: float) -> None:
+        (self.ctl / "delay").write_text(str(seconds))
+
+    def require_concurrency(self, n: int) -> None:
+        (self.ctl / "barrier").write_text(str(n))
+
+    def calls(self) -> list[tuple[list[str], bytes]]:
+        found = []
+        for d in sorted((self.ctl / "calls").iterdir(), key=lambda p: p.stat().st_mtime_ns):
+            if (d / "done").exists():
+                found.append(((d / "argv").read_text().splitlines(), (d / "stdin").read_bytes()))
+        return found
+
+    def bodies(self) -> list[bytes]:
+        return [data for _, data in self.calls()]
+
+
+@pytest.fixture
+def fake_sendmail(tmp_path) -> FakeSendmail:
+    return FakeSendmail(tmp_path / "fake-sendmail")
+
+
+def fossil_message(to: str = "bob@example.com", subject: str = "Hello", body: str = "Body text.\r\n",
+                   sender: str = "noreply@example.org") -> bytes:
+    """A message shaped like Fossil's: CRLF header lines, quoted-printable text body."""
+    return (
+        f"To: {to}\r\nSubject: {subject}\r\n"
+        f'From: "Fossil" <{sender}>\r\nDate: Sun, 22 Nov 2026 03:41:57 +0000\r\n'
+        f"Message-Id: <{abs(hash((to, subject, body)))}@example.org>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=\"UTF-8\"\r\n"
+        f"Content-Transfer-Encoding: quoted-printable\r\n\r\n{body}"
+    ).encode()
+
+
+class SqliteHarness:
+    """A Fossil emailqueue.db on disk, with helpers to fill and inspect it."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path):
+        self.path = path
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS email(emailid INTEGER PRIMARY KEY, msg TEXT)")
+        self.cli_args = ["--db", str(path)]
+
+    def enqueue(self, data: bytes) -> int:
+        """Insert as Fossil does: one row, `msg` bound as text (even if not UTF-8)."""
+        with sqlite3.connect(self.path, timeout=1.0) as conn:
+            return conn.execute("INSERT INTO email(msg) VALUES (CAST(? AS TEXT))", (data,)).lastrowid
+
+    def open_queue(self, lease: float = 180.0) -> SqliteQueue:
+        queue = SqliteQueue(self.path, lease=lease, sentlog_retention=30 * 86400)
+        queue.open()
+        return queue
+
+    def queued(self) -> int:
+        return self._one("SELECT count(*) FROM email")
+
+    def failed(self) -> list[tuple[str, int]]:
+        with sqlite3.connect(self.path) as conn:
+            return conn.execute("SELECT reason, attempts FROM mailrelayd_failed ORDER BY id").fetchall()
+
+    def _one(self, sql: str):
+        with sqlite3.connect(self.path) as conn:
+            return conn.execute(sql).fetchone()[0]
+
+
+@pytest.fixture(params=["sqlite"])
+def queue_harness(request, tmp_path):
+    """One harness per queue kind, so contract tests cover every kind."""
+    return SqliteHarness(tmp_path / "emailqueue.db")
+
+
+class FakeClock:
+    """Wall time that only moves when a test says so."""
+
+    def __init__(self, now: float = 1_800_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_relay(fake_sendmail, clock):
+    """Build a Relay over a harness's queue and the fake sendmail, on the fake clock."""
+    relays = []
+
+    def make(harness, workers: int = 2, timeout: float = 10.0, permanent=frozenset({65, 67}), **kwargs) -> Relay:
+        transport = PipeTransport((str(fake_sendmail.path), "-ti"), timeout, frozenset(permanent))
+        queue = harness.open_queue()
+        relay = Relay(queue, transport, workers=workers, clock=clock,
+                      retry=kwargs.pop("retry", RetryPolicy(300, 3600, 5 * 86400)), **kwargs)
+        relays.append(relay)
+        return relay
+
+    yield make
+    for relay in relays:
+        relay.queue.close()
+
+
+def run_cli(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m mailrelayd ARGS` as a user would; capture output as text."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mailrelayd", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
+    """Poll `condition()` until true or fail after `timeout` seconds (for other processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

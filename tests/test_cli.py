@@ -1,0 +1,145 @@
+"""The mailrelayd command as an administrator uses it."""
+
+import json
+
+from mailrelayd.config import OPTIONS
+from tests.conftest import SqliteHarness, fossil_message, run_cli
+
+
+def drain(harness, fake_sendmail, *extra):
+    return run_cli("--drain", *harness.cli_args, "--command", f"{fake_sendmail.path} -ti", *extra)
+
+
+def test_help_documents_every_setting():
+    """--help names a flag for every configuration key."""
+    out = run_cli("--help").stdout
+    assert all(f"--{o.key.replace('_', '-')}" in out for o in OPTIONS)
+
+
+def test_drain_exit_zero_when_all_sent(queue_harness, fake_sendmail):
+    """`--drain` exits 0 once every message of the pass is sent."""
+    queue_harness.enqueue(fossil_message())
+    assert drain(queue_harness, fake_sendmail).returncode == 0
+
+
+def test_drain_exit_75_when_deferred(queue_harness, fake_sendmail):
+    """`--drain` exits 75 when a message was deferred."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(75)
+    assert drain(queue_harness, fake_sendmail).returncode == 75
+
+
+def test_drain_exit_65_when_set_aside(queue_harness, fake_sendmail):
+    """`--drain` exits 65 when a message was set aside and none deferred."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(65)
+    assert drain(queue_harness, fake_sendmail).returncode == 65
+
+
+def test_missing_database_exits_66_with_one_line(tmp_path, fake_sendmail):
+    """A queue file that does not exist: exit 66 and an error naming it."""
+    result = run_cli("--drain", "--db", str(tmp_path / "missing.db"), "--log-format", "json")
+    assert result.returncode == 66
+    errors = [json.loads(line) for line in result.stderr.splitlines() if '"error"' in line]
+    assert errors and "missing.db: no such file" in errors[0]["error"]
+
+
+def test_file_that_is_not_a_database_exits_66(tmp_path):
+    """A queue path holding something else: exit 66, the file untouched."""
+    path = tmp_path / "emailqueue.db"
+    path.write_text("hello\n" * 1000)
+    assert run_cli("--drain", "--db", str(path)).returncode == 66
+    assert path.read_text() == "hello\n" * 1000
+
+
+def test_bad_flag_value_exits_78_naming_the_key(tmp_path):
+    """A bad value is one line naming the flag, exit 78."""
+    result = run_cli("--drain", "--db", str(tmp_path / "q.db"), "--workers", "many")
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines() == [
+        "mailrelayd: bad value for --workers ('many'): expected a whole number from 1 to 256"
+    ]
+
+
+def test_bad_toml_value_exits_78_naming_the_key(tmp_path):
+    """A bad value in the file is one line naming the key, exit 78."""
+    config = tmp_path / "mailrelayd.toml"
+    config.write_text('db = "/x.db"\npoll_interval = "soon"\n')
+    result = run_cli("--drain", "--config", str(config))
+    assert result.returncode == 78 and "bad value for poll_interval" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_toml_key_exits_78(tmp_path):
+    """A misspelt key is refused rather than ignored."""
+    config = tmp_path / "mailrelayd.toml"
+    config.write_text('db = "/x.db"\nworker = 8\n')
+    result = run_cli("--drain", "--config", str(config))
+    assert result.returncode == 78 and "unknown key 'worker'" in result.stderr
+
+
+def test_unparseable_toml_exits_78(tmp_path):
+    """A file that is not TOML says so, exit 78."""
+    config = tmp_path / "mailrelayd.toml"
+    config.write_text("db = \n")
+    assert run_cli("--drain", "--config", str(config)).returncode == 78
+
+
+def test_no_queue_exits_78():
+    """Without --db there is nothing to relay: exit 78."""
+    result = run_cli("--drain", "--config", "/dev/null")
+    assert result.returncode == 78 and "no queue given" in result.stderr
+
+
+def test_unknown_flag_is_a_usage_error():
+    """An unknown flag exits 64 (EX_USAGE) with one line."""
+    result = run_cli("--no-such-flag")
+    assert result.returncode == 64 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_flags_win_over_the_config_file(tmp_path, fake_sendmail):
+    """A flag overrides the same key from the TOML file."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    harness.enqueue(fossil_message())
+    config = tmp_path / "mailrelayd.toml"
+    config.write_text(f'db = "{harness.path}"\ncommand = "{fake_sendmail.path} -ti"\n'
+                      'envelope_from = "file@example.org"\n')
+    run_cli("--drain", "--config", str(config), "--envelope-from", "flag@example.org")
+    assert fake_sendmail.calls()[0][0] == ["-ti", "-f", "flag@example.org"]
+
+
+def test_log_has_one_json_event_per_attempt_without_body(queue_harness, fake_sendmail):
+    """Each attempt logs emailid, recipients, subject, size, outcome, attempt and ms, never the body."""
+    queue_harness.enqueue(fossil_message(to="bob@example.com", subject="Hi", body="SECRET-BODY\r\n"))
+    result = drain(queue_harness, fake_sendmail, "--log-format", "json")
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    [sent] = [e for e in events if e["event"] == "message_sent"]
+    assert {k: sent[k] for k in ("emailid", "to", "subject", "outcome", "attempt")} == {
+        "emailid": 1, "to": "bob@example.com", "subject": "Hi", "outcome": "sent", "attempt": 1}
+    assert sent["size"] > 0 and sent["ms"] >= 0
+    assert "SECRET-BODY" not in result.stderr
+
+
+def test_console_format_is_key_value(queue_harness, fake_sendmail):
+    """--log-format console writes key=value lines."""
+    queue_harness.enqueue(fossil_message())
+    result = drain(queue_harness, fake_sendmail, "--log-format", "console")
+    assert any(line.startswith("timestamp=") and "event=message_sent" in line
+               for line in result.stderr.splitlines())
+
+
+def test_missing_command_defers_and_reports_loudly(queue_harness, tmp_path):
+    """A sendmail that is not there keeps the message (exit 75) and logs an error."""
+    queue_harness.enqueue(fossil_message())
+    result = run_cli("--drain", *queue_harness.cli_args, "--command", str(tmp_path / "nope"),
+                     "--log-format", "json")
+    assert result.returncode == 75 and queue_harness.queued() == 1
+    levels = {json.loads(line)["event"]: json.loads(line)["level"] for line in result.stderr.splitlines()}
+    assert levels["command_not_runnable"] == "error" and levels["message_deferred"] == "error"
+
+
+def test_maildir_drain_needs_no_mta(queue_harness, tmp_path):
+    """--maildir delivers into a Maildir: the try-it-out path with no mail system."""
+    queue_harness.enqueue(fossil_message())
+    result = run_cli("--drain", *queue_harness.cli_args, "--maildir", str(tmp_path / "out"))
+    assert result.returncode == 0 and len(list((tmp_path / "out" / "new").iterdir())) == 1

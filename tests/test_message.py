@@ -1,0 +1,78 @@
+"""Reading envelopes from Fossil-style messages."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailrelayd.message import MalformedMessage, header_block, read_envelope, safe_address, to_lf
+from tests.conftest import fossil_message
+
+
+def test_recipients_come_from_to_cc_and_bcc():
+    """Every address in To:, Cc: and Bcc: is a recipient."""
+    data = b"To: a@x.org, B <b@x.org>\r\nCc: c@x.org\r\nBcc: d@x.org\r\nSubject: s\r\n\r\nbody"
+    assert read_envelope(data).recipients == ("a@x.org", "b@x.org", "c@x.org", "d@x.org")
+
+
+def test_sender_prefers_sender_header_over_from():
+    """The envelope sender is Sender: when present, as Fossil sets it beside a display From:."""
+    data = b'To: a@x.org\r\nFrom: "Proj" <proj@x.org>\r\nSender: bounce@x.org\r\n\r\nbody'
+    envelope = read_envelope(data)
+    assert (envelope.sender, envelope.from_address) == ("bounce@x.org", "proj@x.org")
+
+
+def test_sender_falls_back_to_from():
+    """Without Sender:, the From: address is the envelope sender."""
+    assert read_envelope(fossil_message(sender="noreply@example.org")).sender == "noreply@example.org"
+
+
+def test_option_like_sender_is_never_offered():
+    """A From: address starting with '-' would be read as a sendmail option, so it is dropped."""
+    assert read_envelope(b"To: a@x.org\r\nFrom: -oQ/tmp/x@evil.org\r\n\r\nb").sender is None
+
+
+def test_message_without_header_is_malformed():
+    """Data that does not start with a header field cannot be mailed."""
+    with pytest.raises(MalformedMessage, match="no header"):
+        read_envelope(b"hello there\r\n\r\nbody")
+
+
+def test_message_without_recipients_is_malformed():
+    """A header with no To:, Cc: or Bcc: address gives nobody to send to."""
+    with pytest.raises(MalformedMessage, match="no recipients"):
+        read_envelope(b"Subject: lonely\r\nFrom: a@x.org\r\n\r\nbody")
+
+
+def test_encoded_subject_is_decoded_for_logs():
+    """An RFC 2047 subject is logged as readable text."""
+    data = b"To: a@x.org\r\nSubject: =?UTF-8?Q?Gr=C3=BC=C3=9Fe?=\r\n\r\nb"
+    assert read_envelope(data).subject == "Grüße"
+
+
+def test_header_ends_at_first_blank_line_with_mixed_endings():
+    """Fossil mixes LF and CRLF lines; the header still ends at the first blank line."""
+    assert header_block(b"To: a@x.org\nSubject: s\r\n\r\nTo: not@header.org") == b"To: a@x.org\nSubject: s"
+
+
+def test_to_lf_turns_crlf_into_lf_only():
+    """CRLF becomes LF; a lone CR or LF is left as it is."""
+    assert to_lf(b"a\r\nb\nc\rd\r\n") == b"a\nb\nc\rd\n"
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_either_parse_or_are_refused_cleanly(data):
+    """Hostile input never raises anything but MalformedMessage."""
+    try:
+        envelope = read_envelope(data)
+    except MalformedMessage:
+        return
+    assert envelope.recipients and envelope.size == len(data)
+    assert envelope.sender is None or safe_address(envelope.sender) == envelope.sender
+
+
+@given(st.text(max_size=60))
+def test_safe_addresses_never_start_with_dash_or_hold_spaces(text):
+    """Whatever safe_address accepts is one plain word with an @ and no leading '-'."""
+    address = safe_address(text)
+    if address is not None:
+        assert not address.startswith("-") and "@" in address and not any(c.isspace() for c in address)

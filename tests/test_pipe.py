@@ -1,0 +1,104 @@
+"""The sendmail pipe transport, against a real executable."""
+
+import os
+import stat
+
+from mailrelayd.message import read_envelope
+from mailrelayd.outcome import PermanentFailure, Sent, TemporaryFailure
+from mailrelayd.transports.pipe import PipeTransport
+from tests.conftest import fossil_message
+
+PERMANENT = frozenset({65, 67})
+
+
+def deliver(fake_sendmail, data=None, timeout=10.0, command=None):
+    data = data if data is not None else fossil_message()
+    transport = PipeTransport(command or (str(fake_sendmail.path), "-ti"), timeout, PERMANENT)
+    return transport.deliver(data, read_envelope(data))
+
+
+def test_exit_zero_is_sent(fake_sendmail):
+    """Status 0 means the mail system took the message."""
+    assert isinstance(deliver(fake_sendmail), Sent)
+
+
+def test_argv_has_command_then_envelope_sender(fake_sendmail):
+    """The command runs as given, with -f and the header's sender appended."""
+    deliver(fake_sendmail, fossil_message(sender="proj@example.org"))
+    assert fake_sendmail.calls()[0][0] == ["-ti", "-f", "proj@example.org"]
+
+
+def test_stdin_gets_lf_line_endings_and_keeps_dot_lines(fake_sendmail):
+    """Mixed CRLF/LF become LF; a lone '.' line is passed through untouched."""
+    data = b"To: a@x.org\nSubject: s\r\n\r\nline\r\n.\r\nafter\n"
+    deliver(fake_sendmail, data)
+    assert fake_sendmail.bodies() == [b"To: a@x.org\nSubject: s\n\nline\n.\nafter\n"]
+
+
+def test_invalid_utf8_and_nul_bytes_pass_byte_for_byte(fake_sendmail):
+    """The body is bytes, never decoded: invalid UTF-8 and NUL arrive unchanged."""
+    data = b"To: a@x.org\n\n\xff\xfe\x00caf\xe9\n"
+    assert isinstance(deliver(fake_sendmail, data), Sent)
+    assert fake_sendmail.bodies() == [data]
+
+
+def test_tempfail_status_is_temporary(fake_sendmail):
+    """75 (EX_TEMPFAIL) keeps the message for a retry, with the program's last words."""
+    fake_sendmail.exit_with(75, "queue file write error")
+    outcome = deliver(fake_sendmail)
+    assert isinstance(outcome, TemporaryFailure)
+    assert "75 (EX_TEMPFAIL): queue file write error" in outcome.detail
+
+
+def test_configured_permanent_status_is_permanent(fake_sendmail):
+    """A status listed in permanent_exit_codes (65, msmtp's 5xx) sets the message aside."""
+    fake_sendmail.exit_with(65)
+    assert isinstance(deliver(fake_sendmail), PermanentFailure)
+
+
+def test_unlisted_status_is_temporary(fake_sendmail):
+    """69 (msmtp's answer to a 4xx) proves nothing about the message: retry."""
+    fake_sendmail.exit_with(69)
+    assert isinstance(deliver(fake_sendmail), TemporaryFailure)
+
+
+def test_missing_program_is_a_setup_error_not_a_loss(fake_sendmail, tmp_path):
+    """A command that does not exist defers the message and is flagged as our set-up's fault."""
+    outcome = deliver(fake_sendmail, command=(str(tmp_path / "no-such-sendmail"), "-ti"))
+    assert isinstance(outcome, TemporaryFailure) and outcome.setup_error
+    assert "cannot run" in outcome.detail
+
+
+def test_non_executable_program_is_a_setup_error(fake_sendmail):
+    """A command without execute permission defers the message."""
+    os.chmod(fake_sendmail.path, stat.S_IRUSR)
+    outcome = deliver(fake_sendmail)
+    assert isinstance(outcome, TemporaryFailure) and outcome.setup_error
+
+
+def test_timeout_kills_the_whole_process_group(fake_sendmail):
+    """A delivery over its timeout is killed, with its children, and deferred."""
+    fake_sendmail.take_seconds(37.25)
+    outcome = deliver(fake_sendmail, timeout=1)
+    assert isinstance(outcome, TemporaryFailure) and "timed out after 1 s" in outcome.detail
+    assert not processes_running(b"sleep\x0037.25\x00")
+
+
+def processes_running(cmdline: bytes) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == cmdline:
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_large_message_is_delivered_whole(fake_sendmail):
+    """A 50 MB message goes through the pipe complete."""
+    data = b"To: a@x.org\n\n" + b"x" * 79 + b"\n"
+    data = data + b"y" * (50 * 1024 * 1024)
+    assert isinstance(deliver(fake_sendmail, data, timeout=60), Sent)
+    assert len(fake_sendmail.bodies()[0]) == len(data)

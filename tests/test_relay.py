@@ -1,0 +1,144 @@
+"""The relay's decisions: what is sent, retried, set aside, and when."""
+
+import random
+import sqlite3
+
+from mailrelayd.relay import Relay, RetryPolicy
+from mailrelayd.transports.maildir import MaildirTransport
+from tests.conftest import fossil_message
+
+
+def state(harness):
+    with sqlite3.connect(harness.path) as conn:
+        return conn.execute("SELECT attempts, next_try, last_error FROM mailrelayd_queue").fetchall()
+
+
+def test_drain_sends_everything_and_exits_zero(queue_harness, make_relay, fake_sendmail):
+    """A pass over a queue of good messages sends them all: exit status 0."""
+    for i in range(10):
+        queue_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    report = make_relay(queue_harness).drain()
+    assert (report.sent, report.exit_status) == (10, 0)
+    assert queue_harness.queued() == 0 and len(fake_sendmail.calls()) == 10
+
+
+def test_empty_queue_drains_with_status_zero(queue_harness, make_relay):
+    """Nothing to send is success."""
+    assert make_relay(queue_harness).drain().exit_status == 0
+
+
+def test_temporary_failure_defers_with_backoff(queue_harness, make_relay, fake_sendmail, clock):
+    """EX_TEMPFAIL keeps the message, counts the attempt and schedules the next try 5 min on."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(75, "try later")
+    report = make_relay(queue_harness, rng=random.Random(1)).drain()
+    assert report.exit_status == 75 and queue_harness.queued() == 1
+    [(attempts, next_try, error)] = state(queue_harness)
+    assert attempts == 1 and 270 <= next_try - clock.now <= 330 and "try later" in error
+
+
+def test_deferred_message_is_not_retried_before_it_is_due(queue_harness, make_relay, fake_sendmail, clock):
+    """A second pass right after a deferral does not try again (no busy loop)."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(75)
+    relay = make_relay(queue_harness)
+    relay.drain()
+    assert relay.drain().exit_status == 0 and len(fake_sendmail.calls()) == 1
+
+
+def test_retry_delays_double_up_to_the_maximum():
+    """Delays go 5, 10, 20, 40 minutes, then stay at the one-hour cap (within jitter)."""
+    policy, rng = RetryPolicy(300, 3600, 5 * 86400), random.Random(7)
+    delays = [policy.delay(attempt, rng) for attempt in range(1, 8)]
+    for delay, expected in zip(delays, [300, 600, 1200, 2400, 3600, 3600, 3600]):
+        assert 0.9 * expected <= delay <= 1.1 * expected
+
+
+def test_message_is_retried_once_due_and_then_sent(queue_harness, make_relay, fake_sendmail, clock):
+    """After its delay, a deferred message is tried again and sent."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(75)
+    relay = make_relay(queue_harness)
+    relay.drain()
+    fake_sendmail.exit_with(0)
+    clock.advance(400)
+    assert relay.drain().sent == 1 and queue_harness.queued() == 0
+
+
+def test_message_past_max_age_is_set_aside(queue_harness, make_relay, fake_sendmail, clock):
+    """Temporary failures stop being retried after max_age; the message is kept as failed."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(75, "still down")
+    relay = make_relay(queue_harness, retry=RetryPolicy(300, 3600, 86400))
+    relay.drain()
+    clock.advance(86400)
+    report = relay.drain()
+    assert report.failed == 1 and report.exit_status == 65
+    [(reason, attempts)] = queue_harness.failed()
+    assert reason.startswith("gave up after 2 attempts") and "still down" in reason and attempts == 2
+
+
+def test_permanent_failure_is_set_aside_at_once(queue_harness, make_relay, fake_sendmail):
+    """A permanent status sets the message aside with the reason: exit 65."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(67, "user unknown")
+    report = make_relay(queue_harness).drain()
+    assert report.exit_status == 65 and queue_harness.queued() == 0
+    assert "EX_NOUSER" in queue_harness.failed()[0][0]
+
+
+def test_deferral_outranks_failure_in_exit_status(queue_harness, make_relay, fake_sendmail):
+    """With both a deferred and a failed message the pass exits 75: something is still pending."""
+    queue_harness.enqueue(b"no header at all")
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(75)
+    assert make_relay(queue_harness).drain().exit_status == 75
+
+
+def test_message_without_recipients_is_set_aside_unsent(queue_harness, make_relay, fake_sendmail):
+    """A message with nobody to send to never reaches sendmail and is kept with the reason."""
+    queue_harness.enqueue(b"Subject: nobody\r\nFrom: a@x.org\r\n\r\nbody")
+    assert make_relay(queue_harness).drain().failed == 1
+    assert fake_sendmail.calls() == [] and "no recipients" in queue_harness.failed()[0][0]
+
+
+def test_failing_message_does_not_block_the_others(queue_harness, make_relay, fake_sendmail):
+    """A bad message first in the queue leaves every later one deliverable."""
+    queue_harness.enqueue(b"garbage")
+    for i in range(3):
+        queue_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    report = make_relay(queue_harness).drain()
+    assert (report.sent, report.failed) == (3, 1)
+
+
+def test_deliveries_run_concurrently(queue_harness, make_relay, fake_sendmail):
+    """With four workers, four deliveries are in progress at the same moment."""
+    for i in range(4):
+        queue_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    fake_sendmail.require_concurrency(4)
+    assert make_relay(queue_harness, workers=4).drain().sent == 4
+
+
+def test_fixed_envelope_sender_replaces_header_sender(queue_harness, make_relay, fake_sendmail):
+    """envelope_from set to an address is used for -f whatever the header says."""
+    queue_harness.enqueue(fossil_message(sender="proj@example.org"))
+    make_relay(queue_harness, envelope_from="bounces@example.net").drain()
+    assert fake_sendmail.calls()[0][0] == ["-ti", "-f", "bounces@example.net"]
+
+
+def test_envelope_from_none_passes_no_sender(queue_harness, make_relay, fake_sendmail):
+    """envelope_from = none leaves -f off, for MTAs that set the sender themselves."""
+    queue_harness.enqueue(fossil_message())
+    make_relay(queue_harness, envelope_from="none").drain()
+    assert fake_sendmail.calls()[0][0] == ["-ti"]
+
+
+def test_maildir_transport_writes_each_message_into_new(queue_harness, tmp_path, clock):
+    """The Maildir transport leaves one LF-ended file per message in new/ and none in tmp/."""
+    data = fossil_message()
+    queue_harness.enqueue(data)
+    relay = Relay(queue_harness.open_queue(), MaildirTransport(tmp_path / "Maildir"), clock=clock)
+    assert relay.drain().sent == 1
+    [written] = (tmp_path / "Maildir" / "new").iterdir()
+    assert written.read_bytes() == data.replace(b"\r\n", b"\n")
+    assert list((tmp_path / "Maildir" / "tmp").iterdir()) == []

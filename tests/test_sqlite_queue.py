@@ -1,0 +1,102 @@
+"""What is particular to Fossil's SQLite file: schema, compatibility, bad files."""
+
+import sqlite3
+
+import pytest
+
+from mailrelayd.message import read_envelope
+from mailrelayd.queues import QueueError
+from mailrelayd.queues.sqlite import SqliteQueue
+from tests.conftest import SqliteHarness, fossil_message
+
+NOW = 1_800_000_000.0
+
+
+def columns(path, table):
+    with sqlite3.connect(path) as conn:
+        return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def test_open_sets_wal_and_creates_tcl_script_tables(tmp_path):
+    """Opening sets WAL and creates sentlog exactly as email-sender.tcl does."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    queue = harness.open_queue()
+    assert queue.journal_mode == "wal"
+    assert columns(harness.path, "sentlog") == ["mtime", "xto", "xfrom", "xsubject", "xsize"]
+    assert columns(harness.path, "email") == ["emailid", "msg"]
+
+
+def test_sent_message_gets_a_sentlog_row(tmp_path):
+    """Each sent message is logged in sentlog with To, From, Subject and size."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    data = fossil_message(to="bob@example.com", subject="Hi", sender="noreply@example.org")
+    harness.enqueue(data)
+    queue = harness.open_queue()
+    [msg] = queue.claim(NOW, 1)
+    queue.mark_sent(msg, read_envelope(data), NOW)
+    with sqlite3.connect(harness.path) as conn:
+        rows = conn.execute("SELECT mtime, xto, xfrom, xsubject, xsize FROM sentlog").fetchall()
+    assert rows == [(int(NOW), "bob@example.com", "noreply@example.org", "Hi", len(data))]
+
+
+def test_maintain_prunes_old_sentlog_rows_only(tmp_path):
+    """Sentlog rows older than the retention go; newer ones stay."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    queue = harness.open_queue()
+    with sqlite3.connect(harness.path) as conn:
+        conn.executemany("INSERT INTO sentlog(mtime, xto) VALUES (?, ?)",
+                         [(int(NOW - 31 * 86400), "old"), (int(NOW - 29 * 86400), "new")])
+    queue.maintain(NOW)
+    with sqlite3.connect(harness.path) as conn:
+        assert conn.execute("SELECT xto FROM sentlog").fetchall() == [("new",)]
+
+
+def test_existing_rows_and_tables_are_left_alone(tmp_path):
+    """A file the Tcl script used keeps its rows and schema; only our tables are added."""
+    path = tmp_path / "q.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE email(emailid INTEGER PRIMARY KEY, msg TEXT)")
+        conn.execute("CREATE TABLE sentlog(mtime INT, xto TEXT, xfrom TEXT, xsubject TEXT, xsize INT)")
+        conn.execute("INSERT INTO sentlog VALUES (1, 'a', 'b', 'c', 4)")
+    SqliteHarness(path).open_queue()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT * FROM sentlog").fetchall() == [(1, "a", "b", "c", 4)]
+
+
+def test_reused_emailid_starts_with_fresh_attempts(tmp_path):
+    """If another program removed a deferred row and Fossil reused its id, history is not inherited."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    harness.enqueue(fossil_message(subject="first"))
+    queue = harness.open_queue()
+    [msg] = queue.claim(NOW, 1)
+    queue.defer(msg, "busy", NOW, NOW)
+    with sqlite3.connect(harness.path) as conn:
+        conn.execute("DELETE FROM email")  # as email-sender.tcl would after sending it
+    harness.enqueue(fossil_message(subject="second"))
+    [fresh] = queue.claim(NOW + 1, 1)
+    assert b"second" in fresh.data and fresh.attempts == 0
+
+
+def test_missing_file_is_not_created(tmp_path):
+    """A queue path that does not exist is an error, and no file is made there."""
+    with pytest.raises(QueueError, match="no such file"):
+        SqliteQueue(tmp_path / "nope.db", lease=60, sentlog_retention=0).open()
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_file_that_is_not_sqlite_is_refused(tmp_path):
+    """A file of another kind gives a clear error and is not changed."""
+    path = tmp_path / "q.db"
+    path.write_bytes(b"this is not a database\n" * 100)
+    with pytest.raises(QueueError, match="not a SQLite database"):
+        SqliteQueue(path, lease=60, sentlog_retention=0).open()
+    assert path.read_bytes() == b"this is not a database\n" * 100
+
+
+def test_foreign_email_table_is_refused(tmp_path):
+    """A database whose email table is not Fossil's is not mistaken for a queue."""
+    path = tmp_path / "q.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE email(id INTEGER PRIMARY KEY, address TEXT)")
+    with pytest.raises(QueueError, match="not a Fossil email queue"):
+        SqliteQueue(path, lease=60, sentlog_retention=0).open()
