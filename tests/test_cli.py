@@ -143,3 +143,19 @@ def test_maildir_drain_needs_no_mta(queue_harness, tmp_path):
     queue_harness.enqueue(fossil_message())
     result = run_cli("--drain", *queue_harness.cli_args, "--maildir", str(tmp_path / "out"))
     assert result.returncode == 0 and len(list((tmp_path / "out" / "new").iterdir())) == 1
+
+
+def test_locked_database_exits_66_and_loses_nothing(queue_harness, fake_sendmail):
+    """While another process holds an exclusive lock, a drain says the database is locked and sends nothing."""
+    import sqlite3
+
+    queue_harness.enqueue(fossil_message())
+    holder = sqlite3.connect(queue_harness.path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        result = drain(queue_harness, fake_sendmail, "--log-format", "json")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 66 and "database is locked" in result.stderr
+    assert fake_sendmail.calls() == [] and queue_harness.queued() == 1

@@ -100,3 +100,15 @@ def test_foreign_email_table_is_refused(tmp_path):
         conn.execute("CREATE TABLE email(id INTEGER PRIMARY KEY, address TEXT)")
     with pytest.raises(QueueError, match="not a Fossil email queue"):
         SqliteQueue(path, lease=60, sentlog_retention=0).open()
+
+
+def test_replaced_file_is_followed(tmp_path):
+    """If the queue file is deleted and made anew, new messages in the new file are claimed."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    queue = harness.open_queue()
+    for leftover in tmp_path.glob("q.db*"):
+        leftover.unlink()
+    fresh = SqliteHarness(tmp_path / "q.db")
+    fresh.enqueue(fossil_message(subject="after"))
+    [msg] = queue.claim(NOW, 10)
+    assert b"Subject: after" in msg.data

@@ -84,6 +84,7 @@ class SqliteQueue:
             conn.close()
             raise
         self._conn = conn
+        self._inode = self._path_inode()
         self.journal_mode = mode
 
     def close(self) -> None:
@@ -97,6 +98,9 @@ class SqliteQueue:
     # -- claim and acknowledge ----------------------------------------------------
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]:
+        if self._path_inode() != self._inode:  # the file was replaced: follow the path
+            self.close()
+            self.open()
         with self._errors():
             self._take_back_from_gone(now)
             ids = [row[0] for row in self._db.execute(_CANDIDATES, {"now": now, "limit": limit})]
@@ -170,6 +174,13 @@ class SqliteQueue:
             )
 
     # -- helpers ----------------------------------------------------------------
+
+    def _path_inode(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def _take_back_from_gone(self, now: float) -> None:
         owners = [
