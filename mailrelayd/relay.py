@@ -172,9 +172,7 @@ class Relay:
                         inflight[future] = msg
                         future.add_done_callback(self._events.put)
                     backlog = len(claimed) == asked
-                if until_idle and not inflight and not backlog and not want_claim:
-                    break
-                if until_idle and report.queue_error and not inflight:
+                if until_idle and not inflight and (report.queue_error or not (backlog or want_claim)):
                     break
                 item = self._next_event(None if until_idle else self._idle_timeout(now, inflight))
                 if item is None:  # poll timer
@@ -186,7 +184,7 @@ class Relay:
                         next_maintain = self.clock() + MAINTAIN_EVERY
                 elif item is _WAKE:
                     want_claim = True
-                else:
+                elif item in inflight:
                     msg = inflight.pop(item)
                     if item.cancelled():
                         self._release([msg])
