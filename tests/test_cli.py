@@ -3,7 +3,7 @@
 import json
 
 from mailrelayd.config import OPTIONS
-from tests.conftest import SqliteHarness, fossil_message, run_cli
+from conftest import SqliteHarness, fossil_message, run_cli
 
 
 def drain(harness, fake_sendmail, *extra):

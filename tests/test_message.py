@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelayd.message import MalformedMessage, header_block, read_envelope, safe_address, to_lf
-from tests.conftest import fossil_message
+from conftest import fossil_message
 
 
 def test_recipients_come_from_to_cc_and_bcc():

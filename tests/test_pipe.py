@@ -6,7 +6,7 @@ import stat
 from mailrelayd.message import read_envelope
 from mailrelayd.outcome import PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.transports.pipe import PipeTransport
-from tests.conftest import fossil_message
+from conftest import fossil_message
 
 PERMANENT = frozenset({65, 67})
 
@@ -102,3 +102,10 @@ def test_large_message_is_delivered_whole(fake_sendmail):
     data = data + b"y" * (50 * 1024 * 1024)
     assert isinstance(deliver(fake_sendmail, data, timeout=60), Sent)
     assert len(fake_sendmail.bodies()[0]) == len(data)
+
+
+def test_failure_detail_keeps_the_last_lines_of_output(fake_sendmail):
+    """The reason keeps the server's reply that msmtp prints before its closing line."""
+    fake_sendmail.exit_with(65, "msmtp: server message: 550 5.1.1 No such user\nmsmtp: could not send mail\n")
+    detail = deliver(fake_sendmail).detail
+    assert "550 5.1.1 No such user | msmtp: could not send mail" in detail

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from mailrelayd.queues import owner_token
-from tests.conftest import fossil_message
+from conftest import fossil_message
 
 NOW = 1_800_000_000.0
 

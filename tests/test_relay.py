@@ -5,7 +5,7 @@ import sqlite3
 
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.maildir import MaildirTransport
-from tests.conftest import fossil_message
+from conftest import fossil_message
 
 
 def state(harness):

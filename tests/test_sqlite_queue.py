@@ -7,7 +7,7 @@ import pytest
 from mailrelayd.message import read_envelope
 from mailrelayd.queues import QueueError
 from mailrelayd.queues.sqlite import SqliteQueue
-from tests.conftest import SqliteHarness, fossil_message
+from conftest import SqliteHarness, fossil_message
 
 NOW = 1_800_000_000.0
 

@@ -65,7 +65,7 @@ class PipeTransport:
         return self._outcome(argv[0], proc.returncode, output)
 
     def _outcome(self, program: str, status: int, output: bytes) -> Outcome:
-        said = _last_line(output)
+        said = _last_lines(output)
         if status == 0:
             return Sent(said)
         if status < 0:
@@ -87,9 +87,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _last_line(output: bytes) -> str:
-    lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
-    return lines[-1].strip()[:300] if lines else ""
+def _last_lines(output: bytes, count: int = 3) -> str:
+    """The program's last few lines of output: msmtp, for one, puts the server's reply
+    before its closing 'could not send mail'."""
+    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
+    return " | ".join(lines[-count:])[-500:]
 
 
 def _colon(said: str) -> str:
