@@ -1,6 +1,6 @@
 """Read what delivery needs from a queued RFC 822 message, without touching its body.
 
-Only the header block is parsed; the message itself is passed on byte for byte.
+Only the header fields delivery needs are read; the message itself is passed on byte for byte.
 Messages come from inside a jail, so nothing here trusts them: an address is only
 offered for a command line when it is plainly an address.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email.header import decode_header, make_header
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import getaddresses
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
@@ -50,26 +48,46 @@ def read_envelope(data: bytes) -> Envelope:
     header = header_block(data)
     if not _FIELD_LINE.match(header):
         raise MalformedMessage("message has no header")
-    fields = BytesHeaderParser(policy=compat32).parsebytes(header)
+    fields = _fields(header)
     recipients = tuple(
         address
-        for _, address in getaddresses(
-            [str(v) for name in ("To", "Cc", "Bcc") for v in fields.get_all(name, [])]
-        )
+        for _, address in getaddresses([v for name in ("to", "cc", "bcc") for v in fields.get(name, [])])
         if address.strip()
     )
     if not recipients:
         raise MalformedMessage("message has no recipients in To:, Cc: or Bcc:")
-    from_address = _first_address(fields, "From") or ""
-    sender_address = _first_address(fields, "Sender") or from_address
+    from_address = _first_address(fields.get("from", []))
     return Envelope(
-        sender=safe_address(sender_address),
+        sender=safe_address(_first_address(fields.get("sender", [])) or from_address),
         recipients=recipients,
         from_address=_printable(from_address),
-        to_header=_printable(", ".join(a for _, a in getaddresses(fields.get_all("To", [])))),
-        subject=_decoded(fields.get("Subject", "")),
+        to_header=_printable(", ".join(a for _, a in getaddresses(fields.get("to", [])) if a)),
+        subject=_decoded(fields.get("subject", [""])[0]),
         size=len(data),
     )
+
+
+_WANTED = {"to", "cc", "bcc", "from", "sender", "subject"}
+
+
+def _fields(header: bytes) -> dict[str, list[str]]:
+    """The unfolded values of the header fields delivery needs, by lower-case name.
+
+    Bytes that are not UTF-8 become lone surrogates, which no address check accepts.
+    """
+    fields: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in header.decode("utf-8", "surrogateescape").split("\n"):
+        if line[:1] in (" ", "\t"):
+            if current is not None:
+                current[-1] += " " + line.strip()
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip().lower()
+        current = fields.setdefault(name, []) if colon and name in _WANTED else None
+        if current is not None:
+            current.append(value.strip())
+    return fields
 
 
 def safe_address(address: str) -> str | None:
@@ -94,17 +112,14 @@ def to_lf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n")
 
 
-def _first_address(fields, name: str) -> str | None:
-    values = fields.get_all(name, [])
-    if not values:
-        return None
-    addresses = [a for _, a in getaddresses([str(v) for v in values]) if a]
-    return addresses[0] if addresses else None
+def _first_address(values: list[str]) -> str:
+    addresses = [a for _, a in getaddresses(values) if a]
+    return addresses[0] if addresses else ""
 
 
-def _decoded(value) -> str:
+def _decoded(value: str) -> str:
     try:
-        text = str(make_header(decode_header(str(value))))
+        text = str(make_header(decode_header(value)))
     except (ValueError, LookupError, UnicodeError):
         text = str(value)
     return _printable(" ".join(text.split()))[:200]

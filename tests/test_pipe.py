@@ -6,7 +6,7 @@ import stat
 from mailrelayd.message import read_envelope
 from mailrelayd.outcome import PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.transports.pipe import PipeTransport
-from conftest import fossil_message
+from conftest import fossil_message, wait_until
 
 PERMANENT = frozenset({65, 67})
 
@@ -81,7 +81,7 @@ def test_timeout_kills_the_whole_process_group(fake_sendmail):
     fake_sendmail.take_seconds(37.25)
     outcome = deliver(fake_sendmail, timeout=1)
     assert isinstance(outcome, TemporaryFailure) and "timed out after 1 s" in outcome.detail
-    assert not processes_running(b"sleep\x0037.25\x00")
+    wait_until(lambda: not processes_running(b"sleep\x0037.25\x00"), timeout=5, what="the child to die")
 
 
 def processes_running(cmdline: bytes) -> list[str]:

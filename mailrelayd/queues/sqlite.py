@@ -5,10 +5,12 @@ its own: `mailrelayd_queue` (attempts, next try, last error and the claim of eac
 message it has seen), `mailrelayd_failed` (messages set aside, with the reason) and
 `sentlog` (the Tcl script's log of sent mail, kept with the same meaning).
 
-Fossil gives up on an insert after about a second of SQLITE_BUSY, so no write
-transaction here does more than a few row updates: claims touch ids only, bodies are
-read outside any write transaction (WAL lets Fossil write meanwhile), and each outcome
-is recorded in a transaction of its own.
+Fossil gives up on an insert after about a second of SQLITE_BUSY, so every write here
+is a single SQL statement in autocommit mode: SQLite takes the write lock and releases
+it within one call, with no Python code (which may wait for the GIL while worker threads
+spawn processes) running in between. Outcomes that change several tables go through
+temporary views whose INSTEAD OF triggers do the work inside that one statement. Bodies
+are read outside any write transaction (WAL lets Fossil write meanwhile).
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import hashlib
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-
-import sqlite_utils
 
 from mailrelayd.message import Envelope
 from mailrelayd.queues import QueuedMessage, QueueError, owner_is_gone, owner_token
@@ -31,10 +31,38 @@ ORDER BY e.emailid LIMIT :limit
 
 _CLAIM = """
 INSERT INTO mailrelayd_queue(emailid, attempts, first_seen, next_try, owner, lease_until)
-SELECT emailid, 0, :now, :now, :owner, :lease FROM email WHERE emailid = :id
+SELECT emailid, 0, ?1, ?1, ?2, ?3 FROM email WHERE emailid IN ({ids})
 ON CONFLICT(emailid) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until
-WHERE mailrelayd_queue.next_try <= :now
-  AND (mailrelayd_queue.owner IS NULL OR mailrelayd_queue.lease_until <= :now)
+WHERE mailrelayd_queue.next_try <= ?1
+  AND (mailrelayd_queue.owner IS NULL OR mailrelayd_queue.lease_until <= ?1)
+"""
+
+_CLAIMED = """
+SELECT q.emailid, q.attempts, q.first_seen, q.digest, CAST(e.msg AS BLOB)
+FROM mailrelayd_queue q JOIN email e ON e.emailid = q.emailid
+WHERE q.owner = ?1 AND q.emailid IN ({ids}) ORDER BY q.emailid
+"""
+
+# Per-connection views: inserting a row into one records an outcome in a single statement.
+_OUTCOME_VIEWS = """
+CREATE TEMP VIEW IF NOT EXISTS mailrelayd_sent(emailid, mtime, xto, xfrom, xsubject, xsize)
+    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
+CREATE TEMP TRIGGER IF NOT EXISTS mailrelayd_sent_insert INSTEAD OF INSERT ON mailrelayd_sent BEGIN
+    DELETE FROM email WHERE emailid = NEW.emailid;
+    DELETE FROM mailrelayd_queue WHERE emailid = NEW.emailid;
+    INSERT INTO sentlog(mtime, xto, xfrom, xsubject, xsize)
+        SELECT NEW.mtime, NEW.xto, NEW.xfrom, NEW.xsubject, NEW.xsize WHERE NEW.xsize IS NOT NULL;
+END;
+CREATE TEMP VIEW IF NOT EXISTS mailrelayd_set_aside(emailid, reason, attempts, first_seen, failed_at)
+    AS SELECT NULL, NULL, NULL, NULL, NULL WHERE 0;
+CREATE TEMP TRIGGER IF NOT EXISTS mailrelayd_set_aside_insert INSTEAD OF INSERT ON mailrelayd_set_aside BEGIN
+    INSERT INTO mailrelayd_failed(emailid, msg, reason, attempts, first_seen, failed_at, last_error)
+        SELECT e.emailid, CAST(e.msg AS BLOB), NEW.reason, NEW.attempts, NEW.first_seen, NEW.failed_at,
+               q.last_error
+        FROM email e LEFT JOIN mailrelayd_queue q ON q.emailid = e.emailid WHERE e.emailid = NEW.emailid;
+    DELETE FROM email WHERE emailid = NEW.emailid;
+    DELETE FROM mailrelayd_queue WHERE emailid = NEW.emailid;
+END;
 """
 
 _NEXT_DUE = """
@@ -74,7 +102,7 @@ class SqliteQueue:
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             conn.execute("PRAGMA synchronous=NORMAL")
-            _create_schema(sqlite_utils.Database(conn), self.path)
+            _create_schema(conn, self.path)
         except sqlite3.DatabaseError as e:
             conn.close()
             if "not a database" in str(e):
@@ -102,37 +130,26 @@ class SqliteQueue:
             self.close()
             self.open()
         with self._errors():
-            self._take_back_from_gone(now)
-            ids = [row[0] for row in self._db.execute(_CANDIDATES, {"now": now, "limit": limit})]
+            self._take_back_from_gone()
+            ids = [row[0] for row in self._db.execute(_CANDIDATES, {"now": now, "limit": limit}).fetchall()]
             if not ids:
                 return []
-            claimed = {}
-            with self._write():
-                for emailid in ids:
-                    args = {"id": emailid, "now": now, "owner": self.owner, "lease": now + self.lease}
-                    if self._db.execute(_CLAIM, args).rowcount:
-                        claimed[emailid] = self._db.execute(
-                            "SELECT attempts, first_seen, digest FROM mailrelayd_queue WHERE emailid = ?",
-                            (emailid,),
-                        ).fetchone()
-            return [self._load(emailid, *state) for emailid, state in claimed.items()]
+            marks = ",".join("?" * len(ids))  # numbered after ?1..?3
+            self._db.execute(_CLAIM.format(ids=marks), (now, self.owner, now + self.lease, *ids))
+            rows = self._db.execute(_CLAIMED.format(ids=marks), (self.owner, *ids)).fetchall()
+        return [self._message(*row) for row in rows]
 
-    def _load(self, emailid: int, attempts: int, first_seen: float, digest: bytes | None) -> QueuedMessage:
-        row = self._db.execute("SELECT CAST(msg AS BLOB) FROM email WHERE emailid = ?", (emailid,)).fetchone()
-        data = (row[0] if row else None) or b""
+    def _message(self, emailid: int, attempts: int, first_seen: float, digest: bytes | None,
+                 data: bytes | None) -> QueuedMessage:
+        data = data or b""
         if digest is not None and digest != _digest(data):
             attempts = 0  # the emailid was reused for a new message after ours left the queue
         return QueuedMessage(id=emailid, data=data, attempts=attempts, first_seen=first_seen)
 
     def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None:
-        with self._errors(), self._write():
-            self._db.execute("DELETE FROM email WHERE emailid = ?", (msg.id,))
-            self._db.execute("DELETE FROM mailrelayd_queue WHERE emailid = ?", (msg.id,))
-            if envelope is not None:
-                self._db.execute(
-                    "INSERT INTO sentlog(mtime, xto, xfrom, xsubject, xsize) VALUES (?, ?, ?, ?, ?)",
-                    (int(now), envelope.to_header, envelope.from_address, envelope.subject, envelope.size),
-                )
+        log = (envelope.to_header, envelope.from_address, envelope.subject, envelope.size) if envelope else (None,) * 4
+        with self._errors():
+            self._db.execute("INSERT INTO mailrelayd_sent VALUES (?, ?, ?, ?, ?, ?)", (msg.id, int(now), *log))
 
     def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float) -> None:
         with self._errors():
@@ -143,30 +160,25 @@ class SqliteQueue:
             )
 
     def set_aside(self, msg: QueuedMessage, reason: str, now: float) -> None:
-        with self._errors(), self._write():
-            self._db.execute(
-                "INSERT INTO mailrelayd_failed(emailid, msg, reason, attempts, first_seen, failed_at, last_error)"
-                " SELECT e.emailid, CAST(e.msg AS BLOB), ?, ?, ?, ?, q.last_error"
-                " FROM email e LEFT JOIN mailrelayd_queue q ON q.emailid = e.emailid WHERE e.emailid = ?",
-                (reason, msg.attempts + 1, msg.first_seen, now, msg.id),
-            )
-            self._db.execute("DELETE FROM email WHERE emailid = ?", (msg.id,))
-            self._db.execute("DELETE FROM mailrelayd_queue WHERE emailid = ?", (msg.id,))
+        with self._errors():
+            self._db.execute("INSERT INTO mailrelayd_set_aside VALUES (?, ?, ?, ?, ?)",
+                             (msg.id, reason, msg.attempts + 1, msg.first_seen, now))
 
     def release(self, msgs: list[QueuedMessage]) -> None:
         with self._errors():
-            self._db.executemany(
-                "UPDATE mailrelayd_queue SET owner = NULL, lease_until = NULL WHERE emailid = ? AND owner = ?",
-                [(m.id, self.owner) for m in msgs],
+            self._db.execute(
+                f"UPDATE mailrelayd_queue SET owner = NULL, lease_until = NULL"
+                f" WHERE owner = ? AND emailid IN ({','.join('?' * len(msgs))})",
+                (self.owner, *(m.id for m in msgs)),
             )
 
     def next_due(self, now: float) -> float | None:
         with self._errors():
-            return self._db.execute(_NEXT_DUE).fetchone()[0]
+            return self._db.execute(_NEXT_DUE).fetchall()[0][0]
 
     def maintain(self, now: float) -> None:
         """Prune old sentlog rows and state left behind by messages another program removed."""
-        with self._errors(), self._write():
+        with self._errors():
             self._db.execute("DELETE FROM sentlog WHERE mtime < ?", (int(now - self.sentlog_retention),))
             self._db.execute(
                 "DELETE FROM mailrelayd_queue WHERE owner IS NULL"
@@ -182,36 +194,26 @@ class SqliteQueue:
             return None
         return (st.st_dev, st.st_ino)
 
-    def _take_back_from_gone(self, now: float) -> None:
+    def _take_back_from_gone(self) -> None:
         owners = [
             owner
             for (owner,) in self._db.execute(
                 "SELECT DISTINCT owner FROM mailrelayd_queue WHERE owner IS NOT NULL AND owner != ?", (self.owner,)
-            )
+            ).fetchall()
             if owner_is_gone(owner)
         ]
         if owners:
-            with self._write():
-                self._db.executemany(
-                    "UPDATE mailrelayd_queue SET owner = NULL, lease_until = NULL WHERE owner = ?",
-                    [(o,) for o in owners],
-                )
+            self._db.execute(
+                "UPDATE mailrelayd_queue SET owner = NULL, lease_until = NULL"
+                f" WHERE owner IN ({','.join('?' * len(owners))})",
+                owners,
+            )
 
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise QueueError(f"{self.path}: not open")
         return self._conn
-
-    @contextmanager
-    def _write(self):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     @contextmanager
     def _errors(self):
@@ -221,45 +223,40 @@ class SqliteQueue:
             raise QueueError(f"{self.path}: {e}") from None
 
 
-def _create_schema(db: sqlite_utils.Database, path: Path) -> None:
-    """Create Fossil's and the Tcl script's tables if missing, and ours; change nothing else."""
-    if "email" in db.table_names():
-        columns = db["email"].columns_dict
-        if "emailid" not in columns or "msg" not in columns:
-            raise QueueError(f"{path}: table email has no emailid and msg columns: not a Fossil email queue")
-    db["email"].create({"emailid": int, "msg": str}, pk="emailid", if_not_exists=True)
-    db["sentlog"].create({"mtime": int, "xto": str, "xfrom": str, "xsubject": str, "xsize": int}, if_not_exists=True)
-    db["mailrelayd_queue"].create(
-        {
-            "emailid": int,
-            "digest": bytes,
-            "attempts": int,
-            "first_seen": float,
-            "next_try": float,
-            "last_try": float,
-            "last_error": str,
-            "owner": str,
-            "lease_until": float,
-        },
-        pk="emailid",
-        not_null={"attempts", "first_seen", "next_try"},
-        if_not_exists=True,
-    )
-    db["mailrelayd_queue"].create_index(["owner"], if_not_exists=True)
-    db["mailrelayd_failed"].create(
-        {
-            "id": int,
-            "emailid": int,
-            "msg": bytes,
-            "reason": str,
-            "attempts": int,
-            "first_seen": float,
-            "failed_at": float,
-            "last_error": str,
-        },
-        pk="id",
-        if_not_exists=True,
-    )
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS email(emailid INTEGER PRIMARY KEY, msg TEXT);
+CREATE TABLE IF NOT EXISTS sentlog(mtime INT, xto TEXT, xfrom TEXT, xsubject TEXT, xsize INT);
+CREATE TABLE IF NOT EXISTS mailrelayd_queue(
+    emailid INTEGER PRIMARY KEY,  -- the email row this is the delivery state of
+    digest BLOB,                  -- of msg: a reused emailid does not inherit this state
+    attempts INT NOT NULL,
+    first_seen REAL NOT NULL,
+    next_try REAL NOT NULL,
+    last_try REAL,
+    last_error TEXT,
+    owner TEXT,                   -- host:pid:start time of the process delivering it
+    lease_until REAL
+);
+CREATE INDEX IF NOT EXISTS mailrelayd_queue_owner ON mailrelayd_queue(owner);
+CREATE TABLE IF NOT EXISTS mailrelayd_failed(
+    id INTEGER PRIMARY KEY,
+    emailid INT,
+    msg BLOB,
+    reason TEXT,
+    attempts INT,
+    first_seen REAL,
+    failed_at REAL,
+    last_error TEXT
+);
+"""
+
+
+def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Create Fossil's, the Tcl script's and our tables if missing; change nothing else."""
+    email_columns = {row[1] for row in conn.execute("PRAGMA table_info(email)").fetchall()}
+    if email_columns and not {"emailid", "msg"} <= email_columns:
+        raise QueueError(f"{path}: table email has no emailid and msg columns: not a Fossil email queue")
+    conn.executescript(_SCHEMA + _OUTCOME_VIEWS)
 
 
 def _digest(data: bytes) -> bytes:

@@ -3,13 +3,24 @@
 The command is run directly, never through a shell. Its exit status is read as
 sysexits.h says; only the statuses listed as permanent mark the message undeliverable,
 everything else (including a missing program) keeps it for another try.
+
+Its output goes to an anonymous memory file, so stdin is the only pipe: the message is
+written in one go and the process reaped with a blocking wait. Timeouts are enforced by
+one shared thread that kills the process group of a delivery past its deadline, rather
+than by polling each child.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import signal
 import subprocess
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
 
 from mailrelayd.message import Envelope, to_lf
 from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
@@ -40,29 +51,22 @@ class PipeTransport:
         self.command = command
         self.timeout = timeout
         self.permanent_exit_codes = permanent_exit_codes
+        self._deadlines = _Deadlines()
 
     def deliver(self, data: bytes, envelope: Envelope) -> Outcome:
         argv = [*self.command, *(["-f", envelope.sender] if envelope.sender else [])]
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as e:
-            return TemporaryFailure(f"cannot run {argv[0]}: {e.strerror or e}", setup_error=True)
-        with proc:
+        with _output_file() as output:
             try:
-                output, _ = proc.communicate(to_lf(data), timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                if proc.poll() is None:
-                    _kill_group(proc)
-                    return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed")
-                output = b""  # it exited, but a child of its own still holds the pipe open
-        return self._outcome(argv[0], proc.returncode, output)
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=output, stderr=output,
+                                        start_new_session=True)
+            except OSError as e:
+                return TemporaryFailure(f"cannot run {argv[0]}: {e.strerror or e}", setup_error=True)
+            with proc, self._deadlines.watch(proc.pid, self.timeout) as watch:
+                proc.communicate(to_lf(data))
+            if watch.fired and proc.returncode != 0:
+                return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed")
+            output.seek(max(0, output.seek(0, os.SEEK_END) - 4096))
+            return self._outcome(argv[0], proc.returncode, output.read())
 
     def _outcome(self, program: str, status: int, output: bytes) -> Outcome:
         said = _last_lines(output)
@@ -76,15 +80,78 @@ class PipeTransport:
         return TemporaryFailure(detail, setup_error=status in (64, 78, 126, 127))
 
     def close(self) -> None:
-        pass
+        self._deadlines.stop()
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+class _Watch:
+    __slots__ = ("deadline", "pgid", "fired")
+
+    def __init__(self, deadline: float, pgid: int):
+        self.deadline, self.pgid, self.fired = deadline, pgid, False
+
+
+class _Deadlines:
+    """One thread that SIGKILLs the process group of each delivery that outlives its deadline."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._wakes_at = float("inf")  # when the thread will next look at the heap by itself
+
+    @contextmanager
+    def watch(self, pgid: int, seconds: float):
+        entry = _Watch(time.monotonic() + seconds, pgid)
+        with self._cond:
+            while self._heap and self._heap[0][2].pgid == 0:  # finished deliveries
+                heapq.heappop(self._heap)
+            heapq.heappush(self._heap, (entry.deadline, next(self._order), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
+            if entry.deadline < self._wakes_at:
+                self._cond.notify()
+        try:
+            yield entry
+        finally:
+            with self._cond:
+                entry.pgid = 0  # done: never signal it (its process group id may be reused)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                while self._heap and self._heap[0][2].pgid == 0:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._wakes_at = float("inf")
+                    self._cond.wait()
+                    continue
+                deadline, _, entry = self._heap[0]
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._wakes_at = deadline
+                    self._cond.wait(remaining)
+                    continue
+                heapq.heappop(self._heap)
+                try:
+                    os.killpg(entry.pgid, signal.SIGKILL)
+                    entry.fired = True
+                except ProcessLookupError:
+                    pass
+
+
+def _output_file():
+    """A file for the command's stdout and stderr that never touches the disk if it can help it."""
+    if hasattr(os, "memfd_create"):
+        return open(os.memfd_create("mailrelayd-output", os.MFD_CLOEXEC), "w+b")
+    return tempfile.TemporaryFile()
 
 
 def _last_lines(output: bytes, count: int = 3) -> str:
