@@ -1,0 +1,344 @@
+"""Benchmark mailrelayd against the raw cost of spawning the sendmail command.
+
+Run by hand (not by CI), from the repository root:
+
+    python bench/bench.py                  # full run: 5,000 messages, a 100,000-message backlog
+    python bench/bench.py --quick          # smoke run with small sizes
+    python bench/bench.py --messages 5000 --workers 4 --big 20000   # --big 0 skips the big backlog
+
+What it measures, each against a baseline taken in the same run:
+
+1. Throughput: a fresh emailqueue.db holding N Fossil-style messages (CRLF headers, a few
+   hundred bytes of body, distinct recipients) is drained by `python -m mailrelayd --drain`
+   with workers=1 and workers=W. The sink is bench/sink.c compiled into a temp dir (it reads
+   stdin to EOF and exits 0; /bin/cat if there is no C compiler). Baseline: Python
+   `subprocess.run(input=msg)` of the same sink, serially, over the same N messages.
+   After each drain the email table must be empty and sentlog must hold N rows.
+2. Latency: the daemon runs; messages are inserted one at a time as Fossil does (own
+   connection, INSERT, commit) every 20 ms; the sink logs when it started (CLOCK_REALTIME).
+   Reports p50/p99/max of commit -> sink start.
+3. Longest write lock: during every relay run, a prober process loops `BEGIN IMMEDIATE;
+   COMMIT` (busy_timeout 5000) on the same file and reports its longest wait for BEGIN
+   IMMEDIATE (what a Fossil insert would have waited) and any SQLITE_BUSY failures.
+4. Memory: peak RSS (VmHWM, sampled; plus ru_maxrss from wait4) of the drain process
+   with a 1,000- and a --big (default 100,000) message backlog.
+5. The serial spawn rate of the sink, as the reference for all of the above.
+
+Targets: throughput >= spawn rate, p99 < 100 ms, longest lock < 20 ms, RSS flat.
+Only the standard library and mailrelayd itself are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+TARGET_P99_MS, TARGET_LOCK_MS = 100.0, 20.0
+
+
+# -- messages and the queue file ----------------------------------------------------------
+
+def message(i: int, tag: str) -> bytes:
+    """A message shaped like Fossil's: CRLF header lines, quoted-printable text body."""
+    body = "".join(f"Line {n} of the check-in comment for alert {i}: the quick brown fox jumps.\r\n"
+                   for n in range(5))
+    return (
+        f"To: user{i}@example.com\r\nSubject: [bench] Alert {i}: check-in on trunk\r\n"
+        f'From: "Fossil Bench" <noreply@example.org>\r\nDate: Sun, 22 Nov 2026 03:41:57 +0000\r\n'
+        f"Message-Id: <{tag}-{i}.{random.getrandbits(32):08x}@example.org>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=\"UTF-8\"\r\n"
+        f"Content-Transfer-Encoding: quoted-printable\r\n\r\n{body}"
+    ).encode()
+
+
+def fresh_db(path: Path, msgs: list[bytes]) -> None:
+    """Create the queue as Fossil does (no WAL) and fill it in one transaction."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS email(emailid INTEGER PRIMARY KEY, msg TEXT)")
+        conn.executemany("INSERT INTO email(msg) VALUES (?)", ((m.decode(),) for m in msgs))
+    conn.close()
+
+
+def counts(path: Path) -> tuple[int, int]:
+    with sqlite3.connect(path) as conn:
+        email = conn.execute("SELECT count(*) FROM email").fetchone()[0]
+        sent = conn.execute("SELECT count(*) FROM sentlog").fetchone()[0]
+    conn.close()
+    return email, sent
+
+
+# -- the sink and the baseline ------------------------------------------------------------
+
+def build_sink(tmp: Path) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        out = tmp / "sink"
+        subprocess.run([cc, "-O2", "-o", str(out), str(Path(__file__).with_name("sink.c"))], check=True)
+        return str(out)
+    print("no C compiler: using /bin/cat as the sink (no latency log)", file=sys.stderr)
+    return "/bin/cat"
+
+
+def spawn_rate(sink: str, msgs: list[bytes]) -> float:
+    """Serial `subprocess.run(input=msg)` of the sink: messages per second."""
+    t0 = time.perf_counter()
+    for m in msgs:
+        subprocess.run([sink, "-ti"], input=m, stdout=subprocess.DEVNULL, check=True)
+    return len(msgs) / (time.perf_counter() - t0)
+
+
+# -- the write-lock prober (runs as `bench.py --probe DB` in its own process) ---------------
+
+def probe_main(db: str) -> None:
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    conn = sqlite3.connect(db, timeout=5.0, isolation_level=None)  # timeout = busy_timeout 5000
+    worst = total = busy = slow = 0
+    n = 0
+    while not stop:
+        t0 = time.perf_counter()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            waited = time.perf_counter() - t0
+            conn.execute("COMMIT")
+            worst, total, n, slow = max(worst, waited), total + waited, n + 1, slow + (waited >= 0.008)
+        except sqlite3.OperationalError as e:
+            busy += 1
+            print(f"prober: {e}", file=sys.stderr)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        time.sleep(0.002)
+    print(json.dumps({"max_ms": worst * 1000, "mean_ms": total * 1000 / max(n, 1), "probes": n, "busy": busy,
+                      "slow": slow}))
+
+
+class Prober:
+    def __init__(self, db: Path):
+        self.db, self.result = db, {}
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--probe", str(self.db)],
+                                     stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        self.result = json.loads(out) if out.strip() else {"max_ms": float("nan"), "busy": -1, "probes": 0, "slow": -1}
+
+
+# -- running mailrelayd ---------------------------------------------------------------------
+
+def relay_cmd(db: Path, sink: str, workers: int, drain: bool) -> list[str]:
+    return [sys.executable, "-m", "mailrelayd", "--db", str(db), "--command", f"{sink} -ti",
+            "--workers", str(workers), "--log-format", "json", "--poll-interval", "10s",
+            *(["--drain"] if drain else [])]
+
+
+def drain(db: Path, sink: str, workers: int, log: Path) -> dict:
+    """One `--drain` run under the prober; wall time, exit status, VmHWM and ru_maxrss."""
+    hwm = [0]
+    with Prober(db) as prober, open(log, "wb") as err:
+        time.sleep(0.1)  # let the prober connect first
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(relay_cmd(db, sink, workers, True), env=ENV, stderr=err, cwd=ROOT)
+
+        def sample():
+            while proc.returncode is None:
+                try:
+                    status = Path(f"/proc/{proc.pid}/status").read_text()
+                    hwm[0] = max(hwm[0], int(status.split("VmHWM:")[1].split()[0]))
+                except (OSError, IndexError):
+                    return
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.join()
+    return {"seconds": seconds, "rc": proc.returncode, "hwm_mb": hwm[0] / 1024,
+            "maxrss_mb": usage.ru_maxrss / 1024, **{"lock_" + k: v for k, v in prober.result.items()}}
+
+
+def steady_rate(log: Path) -> float:
+    """Messages per second from the first to the last message_sent event (no start-up cost)."""
+    stamps = [json.loads(line)["timestamp"] for line in log.read_bytes().splitlines()
+              if b'"message_sent"' in line]
+    if len(stamps) < 2:
+        return float("nan")
+    first, last = (datetime.fromisoformat(s.replace("Z", "+00:00")) for s in (stamps[0], stamps[-1]))
+    return (len(stamps) - 1) / max((last - first).total_seconds(), 1e-9)
+
+
+def throughput_row(name: str, tmp: Path, sink: str, msgs: list[bytes], workers: int, spawn: float) -> dict:
+    db = tmp / f"{name}.db"
+    fresh_db(db, msgs)
+    r = drain(db, sink, workers, tmp / f"{name}.log")
+    r["steady"] = steady_rate(tmp / f"{name}.log")
+    email, sent = counts(db)
+    ok = r["rc"] == 0 and email == 0 and sent == len(msgs)
+    r.update(name=name, n=len(msgs), workers=workers, rate=len(msgs) / r["seconds"],
+             check="ok" if ok else f"FAIL (exit {r['rc']}, email {email}, sentlog {sent})")
+    r["ratio"] = r["rate"] / spawn
+    return r
+
+
+def latency(tmp: Path, sink: str, count: int, every: float) -> dict:
+    db, sinklog, log = tmp / "latency.db", tmp / "latency-sink.log", tmp / "latency.log"
+    fresh_db(db, [])
+    env = {**ENV, "SINK_LOG": str(sinklog)}
+    committed: dict[str, int] = {}
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(relay_cmd(db, sink, 4, False), env=env, stderr=err, cwd=ROOT)
+        deadline = time.monotonic() + 20
+        while b"relay_started" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"FAIL: the daemon did not start; see {log}")
+            time.sleep(0.01)
+        with Prober(db) as prober:
+            time.sleep(0.1)
+            for i in range(count):
+                m = message(i, "lat")
+                msgid = m.split(b"Message-Id: ")[1].split(b"\r\n")[0].decode()
+                conn = sqlite3.connect(db, timeout=1.0)  # Fossil: its own connection per message
+                conn.execute("INSERT INTO email(msg) VALUES (?)", (m.decode(),))
+                conn.commit()
+                committed[msgid] = time.time_ns()
+                conn.close()
+                time.sleep(every)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (not sinklog.exists() or
+                                                   len(sinklog.read_bytes().splitlines()) < count):
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "hung on SIGTERM"
+    started = {}
+    for line in sinklog.read_text().splitlines() if sinklog.exists() else []:
+        stamp, msgid = line.split(" ", 1)
+        started.setdefault(msgid, int(stamp.replace(".", "")))
+    ms = sorted((started[k] - t) / 1e6 for k, t in committed.items() if k in started)
+    pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))] if ms else float("nan")
+    return {"delivered": len(ms), "count": count, "p50": pick(0.50), "p99": pick(0.99),
+            "max": ms[-1] if ms else float("nan"), "mean": statistics.fmean(ms) if ms else float("nan"),
+            "rc": rc, "lock": prober.result}
+
+
+# -- the report -------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=5000, help="messages in the throughput runs (5000)")
+    ap.add_argument("--workers", type=int, default=4, help="workers for the concurrent runs (4)")
+    ap.add_argument("--big", type=int, default=100_000, help="big backlog for the memory run (100000; 0 skips)")
+    ap.add_argument("--latency-messages", type=int, default=200, help="messages in the latency run (200)")
+    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (databases and logs)")
+    ap.add_argument("--probe", metavar="DB", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.probe:
+        probe_main(args.probe)
+        return 0
+    if args.quick:
+        args.messages, args.big, args.latency_messages = min(args.messages, 500), min(args.big, 3000), 50
+    small = min(1000, args.big or 1000)
+
+    tmp = Path(tempfile.mkdtemp(prefix="mailrelayd-bench-"))
+    sink = build_sink(tmp)
+    msgs = [message(i, "tp") for i in range(args.messages)]
+    print(f"mailrelayd bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+          f"SQLite {sqlite3.sqlite_version}, sink {sink}, temp {tmp}", flush=True)
+
+    spawn = spawn_rate(sink, msgs)
+    print(f"baseline: serial subprocess.run of the sink: {spawn:,.0f} msg/s", flush=True)
+    rows = []
+    for w in sorted({1, args.workers}):
+        rows.append(throughput_row(f"drain-w{w}", tmp, sink, msgs, w, spawn))
+        print(f"  done: {rows[-1]['name']} {rows[-1]['rate']:,.0f} msg/s", flush=True)
+    for n in [small] + ([args.big] if args.big else []):
+        rows.append(throughput_row(f"backlog-{n}", tmp, sink, [message(i, "mem") for i in range(n)],
+                                   args.workers, spawn))
+        print(f"  done: {rows[-1]['name']} {rows[-1]['rate']:,.0f} msg/s", flush=True)
+    lat = latency(tmp, sink, args.latency_messages, 0.020) if sink != "/bin/cat" else None
+
+    fail = []
+    print("\n== Throughput, write lock and memory (python -m mailrelayd --drain) ==")
+    head = f"{'run':<16}{'msgs':>8}{'workers':>8}{'seconds':>9}{'msg/s':>9}{'x spawn':>9}{'steady/s':>9}" \
+           f"{'max lock ms':>12}{'>=8ms':>6}{'busy':>6}{'VmHWM MB':>10}{'maxrss MB':>10}  check"
+    print(head)
+    print(f"{'spawn baseline':<16}{args.messages:>8}{1:>8}{args.messages / spawn:>9.2f}{spawn:>9,.0f}{1:>9.2f}{'-':>9}"
+          f"{'-':>12}{'-':>6}{'-':>6}{'-':>10}{'-':>10}  subprocess.run serial")
+    for r in rows:
+        print(f"{r['name']:<16}{r['n']:>8}{r['workers']:>8}{r['seconds']:>9.2f}{r['rate']:>9,.0f}"
+              f"{r['ratio']:>9.2f}{r['steady']:>9,.0f}{r['lock_max_ms']:>12.1f}{r['lock_slow']:>6}{r['lock_busy']:>6}{r['hwm_mb']:>10.1f}"
+              f"{r['maxrss_mb']:>10.1f}  {r['check']}")
+        if r["check"] != "ok":
+            fail.append(f"{r['name']}: {r['check']}")
+        if not r["lock_max_ms"] < TARGET_LOCK_MS:
+            fail.append(f"{r['name']}: longest write lock {r['lock_max_ms']:.1f} ms >= {TARGET_LOCK_MS:g} ms")
+        if r["lock_busy"]:
+            fail.append(f"{r['name']}: {r['lock_busy']} SQLITE_BUSY failures in the prober")
+    best = max(r["rate"] for r in rows if r["name"].startswith("drain"))
+    if best < spawn:
+        fail.append(f"throughput: best {best:,.0f} msg/s < serial spawn rate {spawn:,.0f} msg/s")
+    mem = [r for r in rows if r["name"].startswith("backlog")]
+    if len(mem) == 2 and mem[1]["hwm_mb"] > 1.2 * mem[0]["hwm_mb"] + 2:
+        fail.append(f"memory: VmHWM {mem[0]['hwm_mb']:.1f} MB at {mem[0]['n']:,} -> "
+                    f"{mem[1]['hwm_mb']:.1f} MB at {mem[1]['n']:,} messages: not flat")
+    print("msg/s and x spawn include interpreter start-up (~0.35 s); steady/s is first to last message_sent.")
+    print("max lock ms: longest BEGIN IMMEDIATE wait of the prober (busy_timeout 5000); SQLite's busy handler")
+    print("  sleeps 1, 2, 5, 10, 15, 20 ms..., so waits are quantized near 1, 3, 8, 18, 33, 53 ms; >=8ms counts them.")
+    print("VmHWM: the relay process itself; maxrss (wait4) also folds in its children's peaks, so it can exceed VmHWM.")
+    print("(old Tcl relay, for reference, from shared notes: about 490 msg/s on this machine)")
+
+    if lat:
+        print("\n== Latency: enqueue (commit) -> sink start, daemon with --workers 4, inotify wake ==")
+        print(f"{'messages':>9}{'delivered':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'mean ms':>9}"
+              f"{'max lock ms':>12}{'>=8ms':>6}{'busy':>6}  exit on SIGTERM")
+        lk = lat["lock"]
+        print(f"{lat['count']:>9}{lat['delivered']:>10}{lat['p50']:>9.1f}{lat['p99']:>9.1f}{lat['max']:>9.1f}"
+              f"{lat['mean']:>9.1f}{lk['max_ms']:>12.1f}{lk['slow']:>6}{lk['busy']:>6}  {lat['rc']}")
+        if lat["delivered"] < lat["count"]:
+            fail.append(f"latency: only {lat['delivered']} of {lat['count']} messages reached the sink")
+        if not lat["p99"] < TARGET_P99_MS:
+            fail.append(f"latency: p99 {lat['p99']:.1f} ms >= {TARGET_P99_MS:g} ms")
+        if not lk["max_ms"] < TARGET_LOCK_MS or lk["busy"]:
+            fail.append(f"latency run: longest write lock {lk['max_ms']:.1f} ms, {lk['busy']} busy")
+        if lat["rc"] != 0:
+            fail.append(f"latency: daemon exit status on SIGTERM was {lat['rc']}, not 0")
+
+    print("\nTargets: throughput >= spawn rate; p99 < 100 ms; longest lock < 20 ms; RSS flat.")
+    for f in fail:
+        print(f"FAIL: {f}")
+    print("PASS: all targets met" if not fail else f"{len(fail)} target(s) missed")
+    if args.keep:
+        print(f"kept: {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
