@@ -24,6 +24,10 @@ from mailrelayd.watch import DirectoryWatcher
 
 EX_OK, EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL = 0, 65, 66, 75
 MAINTAIN_EVERY = 3600.0
+# A file event can arrive before the change is visible: SQLite writes the WAL frames
+# (the event) and only then publishes the commit in the WAL index (no event). So every
+# wake-up is followed by a second scan this long after the last event.
+RESCAN_AFTER = 0.05
 
 
 @dataclass
@@ -150,6 +154,7 @@ class Relay:
         inflight: dict[Future, QueuedMessage] = {}
         capacity = 2 * self.workers
         want_claim, backlog = True, False
+        rescan_at = None  # time.monotonic() of the scan that follows a wake-up
         next_maintain = self.clock() + MAINTAIN_EVERY
         with ThreadPoolExecutor(self.workers, thread_name_prefix="deliver") as pool:
             while True:
@@ -174,9 +179,13 @@ class Relay:
                     backlog = len(claimed) == asked
                 if until_idle and not inflight and (report.queue_error or not (backlog or want_claim)):
                     break
-                item = self._next_event(None if until_idle else self._idle_timeout(now, inflight))
-                if item is None:  # poll timer
+                timeout = None if until_idle else self._idle_timeout(now, inflight)
+                if rescan_at is not None:
+                    timeout = max(0.0, min(timeout, rescan_at - time.monotonic()))
+                item = self._next_event(timeout)
+                if item is None:  # poll timer, or the scan after a wake-up
                     want_claim = True
+                    rescan_at = None
                     if watcher is not None and not watcher.running:
                         watcher.start()
                     if self.clock() >= next_maintain:
@@ -184,6 +193,7 @@ class Relay:
                         next_maintain = self.clock() + MAINTAIN_EVERY
                 elif item is _WAKE:
                     want_claim = True
+                    rescan_at = None if until_idle else time.monotonic() + RESCAN_AFTER
                 elif item in inflight:
                     msg = inflight.pop(item)
                     if item.cancelled():

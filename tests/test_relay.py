@@ -111,14 +111,6 @@ def test_failing_message_does_not_block_the_others(queue_harness, make_relay, fa
     assert (report.sent, report.failed) == (3, 1)
 
 
-def test_deliveries_run_concurrently(queue_harness, make_relay, fake_sendmail):
-    """With four workers, four deliveries are in progress at the same moment."""
-    for i in range(4):
-        queue_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
-    fake_sendmail.require_concurrency(4)
-    assert make_relay(queue_harness, workers=4).drain().sent == 4
-
-
 def test_fixed_envelope_sender_replaces_header_sender(queue_harness, make_relay, fake_sendmail):
     """envelope_from set to an address is used for -f whatever the header says."""
     queue_harness.enqueue(fossil_message(sender="proj@example.org"))

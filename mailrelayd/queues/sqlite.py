@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from mailrelayd.message import Envelope
 from mailrelayd.queues import QueuedMessage, QueueError, owner_is_gone, owner_token
+
+BUSY_TIMEOUT = 5.0  # seconds any statement waits for another process's lock
 
 _CANDIDATES = """
 SELECT e.emailid FROM email e LEFT JOIN mailrelayd_queue q ON q.emailid = e.emailid
@@ -88,32 +91,45 @@ class SqliteQueue:
     # -- opening -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the file (never create it), set WAL and create what is missing."""
+        """Open the file (never create it), set WAL and create what is missing.
+
+        Switching a file to WAL does not wait for a writer the way other statements do
+        (SQLite answers "database is locked" at once), so the whole set-up is retried
+        while another process, such as Fossil mid-insert, holds the lock.
+        """
         if self._conn is not None:
             return
         if not self.path.exists():
             raise QueueError(f"{self.path}: no such file")
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                self._conn = self._connect()
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise QueueError(f"{self.path}: {e}") from None
+                time.sleep(0.01)
+            except sqlite3.DatabaseError as e:
+                if "not a database" in str(e):
+                    raise QueueError(f"{self.path}: not a SQLite database") from None
+                raise QueueError(f"{self.path}: {e}") from None
+        self._inode = self._path_inode()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None,
+                               timeout=BUSY_TIMEOUT)
         try:
-            conn = sqlite3.connect(
-                self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None, timeout=5.0
-            )
-        except sqlite3.Error as e:
-            raise QueueError(f"{self.path}: cannot open: {e}") from None
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
+                self.journal_mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+            else:
+                self.journal_mode = "wal"
             conn.execute("PRAGMA synchronous=NORMAL")
             _create_schema(conn, self.path)
-        except sqlite3.DatabaseError as e:
-            conn.close()
-            if "not a database" in str(e):
-                raise QueueError(f"{self.path}: not a SQLite database") from None
-            raise QueueError(f"{self.path}: {e}") from None
-        except QueueError:
+        except BaseException:
             conn.close()
             raise
-        self._conn = conn
-        self._inode = self._path_inode()
-        self.journal_mode = mode
+        return conn
 
     def close(self) -> None:
         if self._conn is not None:
@@ -131,13 +147,16 @@ class SqliteQueue:
             self.open()
         with self._errors():
             self._take_back_from_gone()
-            ids = [row[0] for row in self._db.execute(_CANDIDATES, {"now": now, "limit": limit}).fetchall()]
-            if not ids:
-                return []
-            marks = ",".join("?" * len(ids))  # numbered after ?1..?3
-            self._db.execute(_CLAIM.format(ids=marks), (now, self.owner, now + self.lease, *ids))
-            rows = self._db.execute(_CLAIMED.format(ids=marks), (self.owner, *ids)).fetchall()
-        return [self._message(*row) for row in rows]
+            for _ in range(10):  # another relay may take our candidates first: look again
+                ids = [row[0] for row in self._db.execute(_CANDIDATES, {"now": now, "limit": limit}).fetchall()]
+                if not ids:
+                    return []
+                marks = ",".join("?" * len(ids))  # numbered after ?1..?3
+                self._db.execute(_CLAIM.format(ids=marks), (now, self.owner, now + self.lease, *ids))
+                rows = self._db.execute(_CLAIMED.format(ids=marks), (self.owner, *ids)).fetchall()
+                if rows:
+                    return [self._message(*row) for row in rows]
+        return []
 
     def _message(self, emailid: int, attempts: int, first_seen: float, digest: bytes | None,
                  data: bytes | None) -> QueuedMessage:

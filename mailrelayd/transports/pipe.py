@@ -4,10 +4,12 @@ The command is run directly, never through a shell. Its exit status is read as
 sysexits.h says; only the statuses listed as permanent mark the message undeliverable,
 everything else (including a missing program) keeps it for another try.
 
-Its output goes to an anonymous memory file, so stdin is the only pipe: the message is
-written in one go and the process reaped with a blocking wait. Timeouts are enforced by
-one shared thread that kills the process group of a delivery past its deadline, rather
-than by polling each child.
+The whole message is written to an anonymous memory file before the command starts,
+and that file is its stdin: if mailrelayd dies mid-delivery, the command still reads
+the complete message, never a truncated one it would take for the whole. Its output
+goes to another such file, so there are no pipes to pump: the process is reaped with a
+blocking wait. Timeouts are enforced by one shared thread that kills the process group
+of a delivery past its deadline, rather than by polling each child.
 """
 
 from __future__ import annotations
@@ -55,14 +57,15 @@ class PipeTransport:
 
     def deliver(self, data: bytes, envelope: Envelope) -> Outcome:
         argv = [*self.command, *(["-f", envelope.sender] if envelope.sender else [])]
-        with _output_file() as output:
+        with _memory_file("mailrelayd-message") as message, _memory_file("mailrelayd-output") as output:
+            message.write(to_lf(data))
+            message.seek(0)
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=output, stderr=output,
-                                        start_new_session=True)
+                proc = subprocess.Popen(argv, stdin=message, stdout=output, stderr=output, start_new_session=True)
             except OSError as e:
                 return TemporaryFailure(f"cannot run {argv[0]}: {e.strerror or e}", setup_error=True)
             with proc, self._deadlines.watch(proc.pid, self.timeout) as watch:
-                proc.communicate(to_lf(data))
+                proc.wait()
             if watch.fired and proc.returncode != 0:
                 return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed")
             output.seek(max(0, output.seek(0, os.SEEK_END) - 4096))
@@ -147,10 +150,10 @@ class _Deadlines:
                     pass
 
 
-def _output_file():
-    """A file for the command's stdout and stderr that never touches the disk if it can help it."""
+def _memory_file(name: str):
+    """An anonymous read-write file that never touches the disk if it can help it."""
     if hasattr(os, "memfd_create"):
-        return open(os.memfd_create("mailrelayd-output", os.MFD_CLOEXEC), "w+b")
+        return open(os.memfd_create(name, os.MFD_CLOEXEC), "w+b")
     return tempfile.TemporaryFile()
 
 

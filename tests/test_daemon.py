@@ -1,0 +1,209 @@
+"""The daemon as a service manager runs it: a long-lived process woken by files and signals."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailrelayd.message import to_lf
+from mailrelayd.queues import owner_token
+from conftest import ROOT, fossil_message, wait_until
+
+
+class Daemon:
+    """`python -m mailrelayd` running in the background, its JSON log in a file."""
+
+    def __init__(self, log_path: Path, args: list[str]):
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailrelayd", "--log-format", "json", *args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        self.pid = self.proc.pid
+
+    def events(self) -> list[dict]:
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                found.append({"event": "unparsed", "line": line})
+        return found
+
+    def logged(self, event: str) -> list[dict]:
+        return [e for e in self.events() if e.get("event") == event]
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the daemon itself (not its children), from /proc."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def main_thread_switches(self) -> int:
+        """Context switches of the relay's own thread: unchanged while it sleeps."""
+        status = Path(f"/proc/{self.pid}/task/{self.pid}/status").read_text()
+        return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+    def wait_idle(self, quiet: float = 0.3, timeout: float = 10) -> None:
+        """Wait until the relay's thread has not woken for `quiet` seconds (no scan pending)."""
+        def still():
+            before = self.main_thread_switches()
+            time.sleep(quiet)  # the measurement window
+            return self.main_thread_switches() == before
+        wait_until(still, timeout=timeout, what="the daemon to go idle")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path, fake_sendmail):
+    """Start daemons with `daemon(*args)`; any still running is killed at teardown."""
+    started = []
+
+    def start(*args: str, command: str | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"daemon{len(started)}.log",
+                   [*args, "--command", command or f"{fake_sendmail.path} -ti"])
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+    kill_fakes(fake_sendmail)
+
+
+def kill_fakes(fake_sendmail) -> None:
+    """SIGKILL fake sendmails still running (each leads its own session, so its group goes)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(fake_sendmail.path).encode() in (entry / "cmdline").read_bytes():
+                    os.killpg(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+def started_calls(fake_sendmail) -> list[Path]:
+    return list((fake_sendmail.ctl / "calls").iterdir())
+
+
+def queue_state(harness) -> list[tuple]:
+    """mailrelayd's record of each message; none before the daemon has created its table."""
+    with sqlite3.connect(harness.path) as conn:
+        try:
+            return conn.execute(
+                "SELECT attempts, next_try, last_try, owner, last_error FROM mailrelayd_queue").fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+
+def test_inserted_message_reaches_sendmail_promptly(queue_harness, fake_sendmail, daemon):
+    """Each message Fossil inserts while the daemon waits (polling only hourly) is handed to sendmail within seconds."""
+    d = daemon(*queue_harness.cli_args, "--poll-interval", "1h")
+    wait_until(lambda: d.logged("relay_started"), timeout=10, what="the daemon to start")
+    # One connection kept open, as `fossil alerts send` keeps it while it queues alert after alert.
+    fossil = sqlite3.connect(queue_harness.path, timeout=1.0, isolation_level=None)
+    try:
+        for n in range(5):
+            d.wait_idle(quiet=0.2)
+            data = fossil_message(subject=f"alert {n}")
+            fossil.execute("INSERT INTO email(msg) VALUES (CAST(? AS TEXT))", (data,))
+            wait_until(lambda: to_lf(data) in fake_sendmail.bodies(), timeout=3, what=f"alert {n} to be handed over")
+            wait_until(lambda: queue_harness.queued() == 0, timeout=3, what=f"alert {n} to be recorded")
+    finally:
+        fossil.close()
+    assert d.alive()
+
+
+def test_sigterm_lets_the_delivery_in_flight_finish(queue_harness, fake_sendmail, daemon):
+    """SIGTERM during a delivery: the daemon waits for sendmail, records the message as sent and exits 0."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.take_seconds(2)
+    d = daemon(*queue_harness.cli_args, "--poll-interval", "1h")
+    wait_until(lambda: started_calls(fake_sendmail), timeout=10, what="the delivery to start")
+    assert fake_sendmail.calls() == []
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=15) == 0
+    assert len(fake_sendmail.calls()) == 1
+    assert queue_harness.queued() == 0
+
+
+def test_sigusr1_makes_the_daemon_scan(queue_harness, fake_sendmail, daemon):
+    """SIGUSR1 scans the queue at once, finding what no file event announced (a claim whose owner died)."""
+    data = fossil_message(subject="held by another relay")
+    emailid = queue_harness.enqueue(data)
+    queue_harness.open_queue().close()
+    holder = subprocess.Popen(["sleep", "3600"])  # stands in for a live relay holding the claim
+    try:
+        now = time.time()
+        with sqlite3.connect(queue_harness.path) as conn:
+            conn.execute(
+                "INSERT INTO mailrelayd_queue(emailid, attempts, first_seen, next_try, owner, lease_until)"
+                " VALUES (?, 0, ?, ?, ?, ?)", (emailid, now, now, owner_token(holder.pid), now + 7200))
+        d = daemon(*queue_harness.cli_args, "--poll-interval", "1h")
+        wait_until(lambda: d.logged("relay_started"), timeout=10, what="the daemon to start")
+        d.wait_idle()
+        assert started_calls(fake_sendmail) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    # The claim is now stale, but nothing touched the file: only a scan can notice.
+    try:
+        d.proc.wait(timeout=0.5)
+    except subprocess.TimeoutExpired:
+        pass
+    assert started_calls(fake_sendmail) == [] and d.alive()
+    d.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: fake_sendmail.bodies() == [to_lf(data)], timeout=5, what="the delivery after SIGUSR1")
+    wait_until(lambda: queue_harness.queued() == 0, timeout=5, what="the message to be recorded")
+    assert d.alive()
+
+
+def test_missing_database_is_reported_and_awaited(tmp_path, fake_sendmail, daemon):
+    """Started before Fossil's queue file exists, the daemon logs an error naming it, keeps running, and delivers once Fossil creates it."""
+    path = tmp_path / "emailqueue.db"
+    d = daemon("--db", str(path), "--poll-interval", "30s")
+    [error] = wait_until(lambda: d.logged("queue_unavailable"), timeout=10, what="the error")
+    assert error["level"] == "error" and str(path) in error["error"]
+    assert d.alive()
+
+    data = fossil_message(subject="first alert")
+    fossil = sqlite3.connect(path, timeout=1.0, isolation_level=None)  # what Fossil does, step by step
+    try:
+        fossil.execute("CREATE TABLE IF NOT EXISTS email(emailid INTEGER PRIMARY KEY, msg TEXT)")
+        fossil.execute("INSERT INTO email(msg) VALUES (CAST(? AS TEXT))", (data,))
+    finally:
+        fossil.close()
+    wait_until(lambda: fake_sendmail.bodies() == [to_lf(data)], timeout=5, what="the delivery")
+    assert d.alive()
+
+
+def test_temporary_failure_is_retried_later_without_spinning(queue_harness, fake_sendmail, daemon):
+    """EX_TEMPFAIL leaves the message queued with attempts=1 and next try --retry-delay on, and the daemon then sits nearly idle."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(75, "try again later")
+    d = daemon(*queue_harness.cli_args, "--poll-interval", "0.2s", "--retry-delay", "60s")
+    wait_until(lambda: [row[:1] + row[3:4] for row in queue_state(queue_harness)] == [(1, None)],
+               timeout=10, what="the failure to be recorded")
+    [(attempts, next_try, last_try, owner, last_error)] = queue_state(queue_harness)
+    assert 54 <= next_try - last_try <= 66 and "try again later" in last_error
+    assert queue_harness.queued() == 1
+
+    cpu_before, wakes_before = d.cpu_seconds(), d.main_thread_switches()
+    time.sleep(2)  # the measurement window: polling every 0.2 s means about 10 wake-ups
+    used, wakes = d.cpu_seconds() - cpu_before, d.main_thread_switches() - wakes_before
+    assert used < 0.1 and wakes < 40, f"{used:.2f} s of CPU and {wakes} wake-ups in 2 s while idle"
+    assert len(fake_sendmail.calls()) == 1 and d.alive()
