@@ -8,7 +8,7 @@ offered for a command line when it is plainly an address.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
@@ -26,7 +26,9 @@ class Envelope:
     """Who a message is from and to, and what to log about it.
 
     `sender` is the envelope sender taken from Sender:, else From:, or None when the
-    header holds nothing safe to pass on. `recipients` come from To:, Cc: and Bcc:.
+    header holds nothing safe to pass on. `recipients` come from To:, Cc: and Bcc:,
+    unless `explicit`: then they were given with the message (by mailrelayd-sendmail)
+    and are exactly who gets it.
     """
 
     sender: str | None
@@ -35,6 +37,7 @@ class Envelope:
     to_header: str
     subject: str
     size: int
+    explicit: bool = False
 
 
 def header_block(data: bytes) -> bytes:
@@ -56,6 +59,19 @@ def read_envelope(data: bytes) -> Envelope:
     )
     if not recipients:
         raise MalformedMessage("message has no recipients in To:, Cc: or Bcc:")
+    return _envelope(fields, recipients, len(data))
+
+
+def explicit_envelope(data: bytes, sender: str, recipients: tuple[str, ...]) -> Envelope:
+    """The envelope recorded beside a message: exactly these recipients, this sender
+    (else the header's); the header, if any, only names the message in logs."""
+    header = header_block(data)
+    fields = _fields(header) if _FIELD_LINE.match(header) else {}
+    envelope = _envelope(fields, recipients, len(data), explicit=True)
+    return replace(envelope, sender=safe_address(sender) or envelope.sender) if sender else envelope
+
+
+def _envelope(fields: dict[str, list[str]], recipients: tuple[str, ...], size: int, explicit: bool = False) -> Envelope:
     from_address = _first_address(fields.get("from", []))
     return Envelope(
         sender=safe_address(_first_address(fields.get("sender", [])) or from_address),
@@ -63,7 +79,8 @@ def read_envelope(data: bytes) -> Envelope:
         from_address=_printable(from_address),
         to_header=_printable(", ".join(a for _, a in getaddresses(fields.get("to", [])) if a)),
         subject=_decoded(fields.get("subject", [""])[0]),
-        size=len(data),
+        size=size,
+        explicit=explicit,
     )
 
 

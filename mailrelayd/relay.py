@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from mailrelayd.log import get_logger
-from mailrelayd.message import Envelope, MalformedMessage, read_envelope
+from mailrelayd.message import Envelope, MalformedMessage, explicit_envelope, read_envelope
 from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.queues import Queue, QueuedMessage, QueueError
 from mailrelayd.transports import Transport
@@ -125,7 +125,7 @@ class Relay:
 
     def run(self, on_ready: Callable[[], None] = lambda: None) -> None:
         """Relay until `stop()`: wake on file events, SIGUSR1 (`wake`) and every poll interval."""
-        watcher = DirectoryWatcher(self.queue.watch_dir, self.queue.wants_event, self.wake)
+        watcher = DirectoryWatcher(self.queue.watch_dir, self.queue.notice, self.wake)
         problem = None
         while not self._stopping:
             why = watcher.start()
@@ -240,7 +240,7 @@ class Relay:
     def _deliver(self, msg: QueuedMessage) -> _Done:
         started = time.perf_counter()
         try:
-            envelope = read_envelope(msg.data)
+            envelope = explicit_envelope(msg.data, *msg.envelope) if msg.envelope else read_envelope(msg.data)
         except MalformedMessage as e:
             return _Done(msg, None, PermanentFailure(str(e)), 0.0)
         if self.envelope_from != "header":

@@ -7,6 +7,7 @@ left), the relay still finds new mail by polling.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,23 +25,23 @@ _WAKING_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMove
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, wants: Callable[[str], bool], wake: Callable[[], None]):
-        self._wants = wants
+    def __init__(self, notice: Callable[[str, str], bool], wake: Callable[[], None]):
+        self._notice = notice
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        paths = (event.src_path, getattr(event, "dest_path", "") or "")
-        if any(p and self._wants(str(p)) for p in paths):
+        path = getattr(event, "dest_path", "") or event.src_path  # a move: where it went
+        if self._notice(event.event_type, os.fsdecode(path)):
             self._wake()
 
 
 class DirectoryWatcher:
-    """Calls `wake()` whenever a file in `directory` that `wants(path)` accepts is
-    created, written, closed after writing or moved in."""
+    """Tells `notice(kind, path)` of every file in `directory` created, written, closed
+    after writing or moved in, and calls `wake()` when it answers True."""
 
-    def __init__(self, directory: Path, wants: Callable[[str], bool], wake: Callable[[], None]):
+    def __init__(self, directory: Path, notice: Callable[[str, str], bool], wake: Callable[[], None]):
         self.directory = directory
-        self._handler = _Handler(wants, wake)
+        self._handler = _Handler(notice, wake)
         self._observer = None
 
     @property

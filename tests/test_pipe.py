@@ -109,3 +109,13 @@ def test_failure_detail_keeps_the_last_lines_of_output(fake_sendmail):
     fake_sendmail.exit_with(65, "msmtp: server message: 550 5.1.1 No such user\nmsmtp: could not send mail\n")
     detail = deliver(fake_sendmail).detail
     assert "550 5.1.1 No such user | msmtp: could not send mail" in detail
+
+
+def test_explicit_recipients_are_arguments_and_t_is_dropped(fake_sendmail):
+    """With recipients given beside the message, -t goes and they are passed as arguments."""
+    from mailrelayd.message import explicit_envelope
+
+    data = b"To: public@x.org\nBcc: never-from-header@x.org\n\nbody"
+    transport = PipeTransport((str(fake_sendmail.path), "-ti"), 10, PERMANENT)
+    transport.deliver(data, explicit_envelope(data, "trac@x.org", ("a@x.org", "hidden@x.org")))
+    assert fake_sendmail.calls()[0][0] == ["-i", "-f", "trac@x.org", "a@x.org", "hidden@x.org"]

@@ -24,12 +24,17 @@ class QueueError(Exception):
 
 @dataclass(frozen=True)
 class QueuedMessage:
-    """One claimed message: its id in its queue, its bytes, and its delivery history."""
+    """One claimed message: its id in its queue, its bytes, and its delivery history.
+
+    `envelope` is (sender, recipients) when they were recorded beside the message (by
+    mailrelayd-sendmail); then exactly those recipients get it, whatever its header says.
+    """
 
     id: int | str
     data: bytes
     attempts: int
     first_seen: float
+    envelope: tuple[str, tuple[str, ...]] | None = None
 
 
 class Queue(Protocol):
@@ -38,7 +43,10 @@ class Queue(Protocol):
 
     def open(self) -> None: ...
 
-    def wants_event(self, path: str) -> bool: ...
+    def notice(self, kind: str, path: str) -> bool:
+        """Called on the watcher's thread for each file event in `watch_dir` (kind:
+        created, modified, closed or moved, with the new path); True wakes the relay."""
+        ...
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]: ...
 

@@ -136,7 +136,7 @@ class SqliteQueue:
             self._conn.close()
             self._conn = None
 
-    def wants_event(self, path: str) -> bool:
+    def notice(self, kind: str, path: str) -> bool:
         return Path(path).name in self._watched
 
     # -- claim and acknowledge ----------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -57,6 +58,10 @@ class PipeTransport:
 
     def deliver(self, data: bytes, envelope: Envelope) -> Outcome:
         argv = [*self.command, *(["-f", envelope.sender] if envelope.sender else [])]
+        if envelope.explicit:  # recipients as arguments, not from the header
+            if any(r.startswith("-") for r in envelope.recipients):
+                return PermanentFailure("a recipient starts with '-'")
+            argv = [*_without_header_recipients(argv), *envelope.recipients]
         with _memory_file("mailrelayd-message") as message, _memory_file("mailrelayd-output") as output:
             message.write(to_lf(data))
             message.seek(0)
@@ -148,6 +153,17 @@ class _Deadlines:
                     entry.fired = True
                 except ProcessLookupError:
                     pass
+
+
+def _without_header_recipients(argv: list[str]) -> list[str]:
+    """`argv` without -t (also inside -ti or -it): the recipients are the arguments."""
+    kept = []
+    for arg in argv[1:]:
+        if re.fullmatch(r"-[it]+", arg):
+            arg = arg.replace("t", "")
+        if arg != "-":
+            kept.append(arg)
+    return [argv[0], *kept]
 
 
 def _memory_file(name: str):
