@@ -12,6 +12,8 @@ from pathlib import Path
 from mailrelayd import __version__
 from mailrelayd.config import DEFAULT_CONFIG, OPTIONS, Config, ConfigError, build, read_toml
 from mailrelayd.log import configure, get_logger
+from mailrelayd.queues import Queue
+from mailrelayd.queues.spool import SpoolQueue
 from mailrelayd.queues.sqlite import SqliteQueue
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.maildir import MaildirTransport
@@ -28,8 +30,11 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailrelayd",
-        description="Relay the mail that Fossil queues in emailqueue.db to sendmail (or a Maildir).",
-        epilog="Every option is also a key of the TOML config file, with _ for -; flags win over the file. "
+        description="Relay the mail that Fossil queues (in emailqueue.db or a spool directory) to sendmail"
+        " (or a Maildir).",
+        epilog="`mailrelayd enqueue [sendmail options] RCPT...` (also installed as mailrelayd-sendmail) "
+        "queues a message into a spool instead. "
+        "Every option is also a key of the TOML config file, with _ for -; flags win over the file. "
         "Durations take s, m, h or d (300, 5m, 1h, 5d). Drain exit status: 0 all sent, 75 some deferred, "
         "65 some set aside as failed, 66 queue unreadable, 78 bad configuration.",
     )
@@ -37,10 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain", action="store_true", help="deliver every message that is due, then exit")
     parser.add_argument("--version", action="version", version=f"mailrelayd {__version__}")
     for option in OPTIONS:
-        parser.add_argument(
-            "--" + option.key.replace("_", "-"), dest=option.key, metavar=option.metavar,
-            help=option.help, default=argparse.SUPPRESS,
-        )
+        flag = "--" + option.key.replace("_", "-")
+        if option.metavar:
+            parser.add_argument(flag, dest=option.key, metavar=option.metavar, help=option.help,
+                                default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=option.key, action="store_const", const=True, help=option.help,
+                                default=argparse.SUPPRESS)
     return parser
 
 
@@ -51,8 +59,16 @@ def load(args: argparse.Namespace) -> Config:
     return build(file_values, flags, source=str(path))
 
 
+def make_queue(config: Config) -> Queue:
+    if config.spool:
+        return SpoolQueue(config.spool, config.state_dir, settle=config.settle, max_size=config.max_size,
+                          owner_uid=config.spool_owner, keep_sent=config.keep_sent,
+                          sentlog_retention=config.sentlog_retention)
+    return SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention)
+
+
 def make_relay(config: Config) -> Relay:
-    queue = SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention)
+    queue = make_queue(config)
     transport = (
         MaildirTransport(config.maildir)
         if config.maildir
@@ -64,6 +80,11 @@ def make_relay(config: Config) -> Relay:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["enqueue"]:  # the sendmail-compatible injector, also `mailrelayd-sendmail`
+        from mailrelayd import inject
+
+        return inject.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = load(args)

@@ -25,6 +25,12 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Config:
     db: Path | None = None
+    spool: Path | None = None
+    state_dir: Path | None = None
+    settle: float = 2.0
+    keep_sent: bool = False
+    max_size: int = 25 * 2**20
+    spool_owner: int | None = None
     command: tuple[str, ...] = ("/usr/sbin/sendmail", "-ti")
     maildir: Path | None = None
     workers: int = 4
@@ -120,6 +126,37 @@ def _envelope_from(value: Any) -> str:
     raise ValueError("expected 'header', 'none' or an address such as noreply@example.org")
 
 
+def _size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", value, re.IGNORECASE)):
+        size = int(m[1]) * 1024 ** " KMG".index(m[2].upper() or " ")
+        if size > 0:
+            return size
+    raise ValueError("expected a size such as 25M, 512K or 1000000")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError("expected true or false")
+
+
+def _user(value: Any) -> int:
+    import pwd
+
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except (KeyError, TypeError):
+        raise ValueError("expected a user name or uid that exists on this host") from None
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -133,12 +170,20 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 class Option:
     key: str
     parse: Callable[[Any], Any]
-    metavar: str
+    metavar: str  # "" for a flag that takes no value
     help: str
 
 
 OPTIONS = [
     Option("db", _path, "FILE", "Fossil's email queue database (email-send-db)"),
+    Option("spool", _path, "DIR", "Fossil's spool directory (email-send-dir), instead of db"),
+    Option("state_dir", _path, "DIR", "where the spool's deferred, failed, corrupt and sent messages are kept,"
+           " on the spool's file system (default: SPOOL.mailrelayd beside it)"),
+    Option("settle", _duration(0), "DURATION", "take a spool file nobody was seen closing once it is unchanged"
+           " this long (default: 2s)"),
+    Option("keep_sent", _bool, "", "keep sent spool files in STATE/sent until sentlog_retention"),
+    Option("max_size", _size, "SIZE", "refuse spool files larger than this (default: 25M)"),
+    Option("spool_owner", _user, "USER", "refuse spool files not owned by this user (default: any owner)"),
     Option("command", _command, "CMD", "sendmail-compatible command, split like a shell but not run by one"
            " (default: '/usr/sbin/sendmail -ti')"),
     Option("maildir", _path, "DIR", "deliver into this local Maildir instead of running a command"),
@@ -191,8 +236,8 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any], source: str 
         if ("maildir" in flag_values) == ("command" in flag_values):
             raise ConfigError("command and maildir both given: choose one way to deliver")
         del values["command" if "maildir" in flag_values else "maildir"]
-    if "db" not in values:
-        raise ConfigError("no queue given: set db (--db FILE)")
+    if ("db" in values) == ("spool" in values):
+        raise ConfigError("give one queue: db (--db FILE) or spool (--spool DIR)")
     config = Config(**values)
     if config.max_retry_delay < config.retry_delay:
         raise ConfigError("bad value for max_retry_delay: shorter than retry_delay")

@@ -28,6 +28,8 @@ MAINTAIN_EVERY = 3600.0
 # (the event) and only then publishes the commit in the WAL index (no event). So every
 # wake-up is followed by a second scan this long after the last event.
 RESCAN_AFTER = 0.05
+# A drain waits this long at most, in all, for files still being written to settle.
+DRAIN_SETTLE_WAIT = 60.0
 
 
 @dataclass
@@ -155,6 +157,7 @@ class Relay:
         capacity = 2 * self.workers
         want_claim, backlog = True, False
         rescan_at = None  # time.monotonic() of the scan that follows a wake-up
+        drain_started = time.monotonic()
         next_maintain = self.clock() + MAINTAIN_EVERY
         with ThreadPoolExecutor(self.workers, thread_name_prefix="deliver") as pool:
             while True:
@@ -177,9 +180,12 @@ class Relay:
                         inflight[future] = msg
                         future.add_done_callback(self._events.put)
                     backlog = len(claimed) == asked
-                if until_idle and not inflight and (report.queue_error or not (backlog or want_claim)):
-                    break
-                timeout = None if until_idle else self._idle_timeout(now, inflight)
+                if until_idle:  # wake for completions, and for files still being written
+                    timeout = None if report.queue_error else self._settle_wait(now, drain_started)
+                    if timeout is None and not inflight and (report.queue_error or not (backlog or want_claim)):
+                        break
+                else:
+                    timeout = self._idle_timeout(now, inflight)
                 if rescan_at is not None:
                     timeout = max(0.0, min(timeout, rescan_at - time.monotonic()))
                 item = self._next_event(timeout)
@@ -231,6 +237,14 @@ class Relay:
         # Due now yet not claimable (another process holds it): still never spin.
         wait = self.poll_interval if due is None else max(due - now, 1.0)
         return min(wait, self.poll_interval)
+
+    def _settle_wait(self, now: float, started: float) -> float | None:
+        """How long a drain should wait for messages still being written, or None to stop."""
+        settles = self.queue.settles_at(now)
+        left = DRAIN_SETTLE_WAIT - (time.monotonic() - started)
+        if settles is None or left <= 0:
+            return None
+        return min(max(settles - now, 0.01), left)
 
     def _wait(self, seconds: float) -> None:
         self._next_event(seconds)

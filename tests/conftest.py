@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrelayd.queues.spool import SpoolQueue
 from mailrelayd.queues.sqlite import SqliteQueue
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.pipe import PipeTransport
@@ -109,6 +110,11 @@ class SqliteHarness:
         queue.open()
         return queue
 
+    # Python that, run in another process, opens this queue as `queue`.
+    def open_queue_code(self) -> str:
+        return (f"from mailrelayd.queues.sqlite import SqliteQueue; from pathlib import Path\n"
+                f"queue = SqliteQueue(Path({str(self.path)!r}), lease=3600, sentlog_retention=0); queue.open()")
+
     def queued(self) -> int:
         return self._one("SELECT count(*) FROM email")
 
@@ -116,14 +122,81 @@ class SqliteHarness:
         with sqlite3.connect(self.path) as conn:
             return conn.execute("SELECT reason, attempts FROM mailrelayd_failed ORDER BY id").fetchall()
 
+    def deferred(self) -> list[tuple[int, float, str]]:
+        """(attempts, next_try, last_error) of each deferred message."""
+        with sqlite3.connect(self.path) as conn:
+            try:
+                return conn.execute("SELECT attempts, next_try, last_error FROM mailrelayd_queue"
+                                    " WHERE attempts > 0 ORDER BY emailid").fetchall()
+            except sqlite3.OperationalError:  # no relay has opened the file yet
+                return []
+
     def _one(self, sql: str):
         with sqlite3.connect(self.path) as conn:
             return conn.execute(sql).fetchone()[0]
 
 
-@pytest.fixture(params=["sqlite"])
+class SpoolHarness:
+    """A Fossil spool directory (email-send-method=dir) with its state beside it."""
+
+    kind = "spool"
+
+    def __init__(self, root: Path):
+        self.path = root / "spool"
+        self.path.mkdir()
+        self.state = root / "spool.mailrelayd"
+        self.cli_args = ["--spool", str(self.path)]
+        self._count = 0
+
+    def enqueue(self, data: bytes) -> str:
+        """Write as Fossil does: straight to the final name, no temporary, no lock."""
+        self._count += 1
+        name = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + f"{self._count:04d}{os.getpid() % 10**6:06d}.email"
+        (self.path / name).write_bytes(data)
+        return name
+
+    def open_queue(self, lease: float = 180.0, **options) -> SpoolQueue:
+        queue = SpoolQueue(self.path, **options)
+        queue.open()
+        return queue
+
+    def open_queue_code(self) -> str:
+        return (f"from mailrelayd.queues.spool import SpoolQueue; from pathlib import Path\n"
+                f"queue = SpoolQueue(Path({str(self.path)!r})); queue.open()")
+
+    def queued(self) -> int:
+        """Messages still to send: new ones in the spool and deferred ones."""
+        waiting = [n for n in os.listdir(self.path) if not n.startswith(".")]
+        deferred = self.state / "deferred"
+        if deferred.is_dir():
+            waiting += [n for n in os.listdir(deferred) if not n.endswith(".state")]
+        return len(waiting)
+
+    def failed(self) -> list[tuple[str, int]]:
+        found = []
+        for reason_file in sorted((self.state / "failed").glob("*.reason")):
+            fields = dict(line.split(": ", 1) for line in reason_file.read_text().splitlines())
+            found.append((fields["reason"], int(fields["attempts"])))
+        return found
+
+    def deferred(self) -> list[tuple[int, float, str]]:
+        import json
+
+        states = [json.loads(p.read_text()) for p in sorted((self.state / "deferred").glob("*.state"))]
+        return [(s["attempts"], s["next_try"], s["last_error"]) for s in states]
+
+
+@pytest.fixture(params=["sqlite", "spool"])
 def queue_harness(request, tmp_path):
     """One harness per queue kind, so contract tests cover every kind."""
+    if request.param == "spool":
+        return SpoolHarness(tmp_path)
+    return SqliteHarness(tmp_path / "emailqueue.db")
+
+
+@pytest.fixture
+def sqlite_harness(tmp_path):
+    """For behaviour particular to Fossil's SQLite queue."""
     return SqliteHarness(tmp_path / "emailqueue.db")
 
 

@@ -86,9 +86,9 @@ def test_unparseable_toml_exits_78(tmp_path):
 
 
 def test_no_queue_exits_78():
-    """Without --db there is nothing to relay: exit 78."""
+    """Without --db or --spool there is nothing to relay: exit 78."""
     result = run_cli("--drain", "--config", "/dev/null")
-    assert result.returncode == 78 and "no queue given" in result.stderr
+    assert result.returncode == 78 and "give one queue" in result.stderr
 
 
 def test_unknown_flag_is_a_usage_error():
@@ -110,12 +110,12 @@ def test_flags_win_over_the_config_file(tmp_path, fake_sendmail):
 
 def test_log_has_one_json_event_per_attempt_without_body(queue_harness, fake_sendmail):
     """Each attempt logs emailid, recipients, subject, size, outcome, attempt and ms, never the body."""
-    queue_harness.enqueue(fossil_message(to="bob@example.com", subject="Hi", body="SECRET-BODY\r\n"))
+    emailid = queue_harness.enqueue(fossil_message(to="bob@example.com", subject="Hi", body="SECRET-BODY\r\n"))
     result = drain(queue_harness, fake_sendmail, "--log-format", "json")
     events = [json.loads(line) for line in result.stderr.splitlines()]
     [sent] = [e for e in events if e["event"] == "message_sent"]
     assert {k: sent[k] for k in ("emailid", "to", "subject", "outcome", "attempt")} == {
-        "emailid": 1, "to": "bob@example.com", "subject": "Hi", "outcome": "sent", "attempt": 1}
+        "emailid": emailid, "to": "bob@example.com", "subject": "Hi", "outcome": "sent", "attempt": 1}
     assert sent["size"] > 0 and sent["ms"] >= 0
     assert "SECRET-BODY" not in result.stderr
 
@@ -145,17 +145,17 @@ def test_maildir_drain_needs_no_mta(queue_harness, tmp_path):
     assert result.returncode == 0 and len(list((tmp_path / "out" / "new").iterdir())) == 1
 
 
-def test_locked_database_exits_66_and_loses_nothing(queue_harness, fake_sendmail):
+def test_locked_database_exits_66_and_loses_nothing(sqlite_harness, fake_sendmail):
     """While another process holds an exclusive lock, a drain says the database is locked and sends nothing."""
     import sqlite3
 
-    queue_harness.enqueue(fossil_message())
-    holder = sqlite3.connect(queue_harness.path, isolation_level=None)
+    sqlite_harness.enqueue(fossil_message())
+    holder = sqlite3.connect(sqlite_harness.path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        result = drain(queue_harness, fake_sendmail, "--log-format", "json")
+        result = drain(sqlite_harness, fake_sendmail, "--log-format", "json")
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert result.returncode == 66 and "database is locked" in result.stderr
-    assert fake_sendmail.calls() == [] and queue_harness.queued() == 1
+    assert fake_sendmail.calls() == [] and sqlite_harness.queued() == 1

@@ -28,8 +28,8 @@ def drain(harness, fake_sendmail, *extra: str) -> subprocess.CompletedProcess:
 
 
 def enqueue_many(harness, messages: list[bytes]) -> None:
-    with sqlite3.connect(harness.path) as conn:
-        conn.executemany("INSERT INTO email(msg) VALUES (CAST(? AS TEXT))", [(m,) for m in messages])
+    for message in messages:
+        harness.enqueue(message)
 
 
 def drain_done(stderr: str) -> dict:
@@ -103,17 +103,17 @@ def has_open(pid: int, path) -> bool:
         return False
 
 
-def test_fossil_inserts_never_fail_while_sendmail_is_slow(queue_harness, fake_sendmail, tmp_path):
+def test_fossil_inserts_never_fail_while_sendmail_is_slow(sqlite_harness, fake_sendmail, tmp_path):
     """Fossil inserting every 10 ms never meets a lock held for 1 s while each delivery takes 3 s."""
     early = [fossil_message(to=f"early{i}@example.com", subject=f"early {i}") for i in range(4)]
-    enqueue_many(queue_harness, early)
-    queue_harness.open_queue().close()  # the file as any earlier run left it (WAL, our tables)
+    enqueue_many(sqlite_harness, early)
+    sqlite_harness.open_queue().close()  # the file as any earlier run left it (WAL, our tables)
     slow = tmp_path / "slow-sendmail"
     slow.write_text(SLOW_FOR_EARLY.replace("@FAKE@", str(fake_sendmail.path)))
     slow.chmod(0o755)
-    writer = FossilWriter(queue_harness.path)
+    writer = FossilWriter(sqlite_harness.path)
     writer.start()
-    proc = start_drain(queue_harness, fake_sendmail, "--workers", "2", "--command", f"{slow} -ti")
+    proc = start_drain(sqlite_harness, fake_sendmail, "--workers", "2", "--command", f"{slow} -ti")
     try:
         wait_until(lambda: set(map(to_lf, early)) <= set(fake_sendmail.bodies()) or proc.poll() is not None,
                    timeout=30, what="the four slow deliveries")
@@ -124,11 +124,11 @@ def test_fossil_inserts_never_fail_while_sendmail_is_slow(queue_harness, fake_se
     assert writer.failures == []
     assert len(writer.inserted) > 100, "the writer hardly ran"
     assert set(map(to_lf, early)) <= set(fake_sendmail.bodies()), log[-2000:]
-    final = run_cli("--drain", *queue_harness.cli_args, "--maildir", str(tmp_path / "out"), "--workers", "4")
+    final = run_cli("--drain", *sqlite_harness.cli_args, "--maildir", str(tmp_path / "out"), "--workers", "4")
     assert final.returncode == 0, final.stderr
     delivered = set(fake_sendmail.bodies()) | {f.read_bytes() for f in (tmp_path / "out" / "new").iterdir()}
     assert delivered == {to_lf(m) for m in early + writer.inserted}
-    assert queue_harness.queued() == 0
+    assert sqlite_harness.queued() == 0
 
 
 def test_four_workers_deliver_four_at_once(queue_harness, fake_sendmail):
@@ -151,16 +151,16 @@ def test_one_worker_never_runs_two_deliveries_at_once(queue_harness, fake_sendma
     assert len(fake_sendmail.calls()) == 1 and queue_harness.queued() == 1
 
 
-def test_first_open_waits_out_a_fossil_insert_in_progress(queue_harness, fake_sendmail):
+def test_first_open_waits_out_a_fossil_insert_in_progress(sqlite_harness, fake_sendmail):
     """A drain opening Fossil's file for the first time (rollback journal, no tables of ours) waits while Fossil is mid-insert, rather than failing."""
     early, late = fossil_message(subject="queued before"), fossil_message(subject="being inserted")
-    queue_harness.enqueue(early)
-    fossil = sqlite3.connect(queue_harness.path, isolation_level=None)
+    sqlite_harness.enqueue(early)
+    fossil = sqlite3.connect(sqlite_harness.path, isolation_level=None)
     fossil.execute("BEGIN IMMEDIATE")  # Fossil's insert, not yet committed
     fossil.execute("INSERT INTO email(msg) VALUES (CAST(? AS TEXT))", (late,))
     try:
-        proc = start_drain(queue_harness, fake_sendmail)
-        wait_until(lambda: proc.poll() is not None or has_open(proc.pid, queue_harness.path),
+        proc = start_drain(sqlite_harness, fake_sendmail)
+        wait_until(lambda: proc.poll() is not None or has_open(proc.pid, sqlite_harness.path),
                    timeout=10, what="the drain to open the file")
         try:
             proc.wait(timeout=0.5)  # Fossil's insert lasts half a second, well within any busy timeout
@@ -172,4 +172,4 @@ def test_first_open_waits_out_a_fossil_insert_in_progress(queue_harness, fake_se
     _, log = proc.communicate(timeout=30)
     assert proc.returncode == 0, log
     assert sorted(fake_sendmail.bodies()) == sorted([to_lf(early), to_lf(late)])
-    assert queue_harness.queued() == 0
+    assert sqlite_harness.queued() == 0

@@ -1,16 +1,10 @@
 """The relay's decisions: what is sent, retried, set aside, and when."""
 
 import random
-import sqlite3
 
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.maildir import MaildirTransport
 from conftest import fossil_message
-
-
-def state(harness):
-    with sqlite3.connect(harness.path) as conn:
-        return conn.execute("SELECT attempts, next_try, last_error FROM mailrelayd_queue").fetchall()
 
 
 def test_drain_sends_everything_and_exits_zero(queue_harness, make_relay, fake_sendmail):
@@ -33,7 +27,7 @@ def test_temporary_failure_defers_with_backoff(queue_harness, make_relay, fake_s
     fake_sendmail.exit_with(75, "try later")
     report = make_relay(queue_harness, rng=random.Random(1)).drain()
     assert report.exit_status == 75 and queue_harness.queued() == 1
-    [(attempts, next_try, error)] = state(queue_harness)
+    [(attempts, next_try, error)] = queue_harness.deferred()
     assert attempts == 1 and 270 <= next_try - clock.now <= 330 and "try later" in error
 
 

@@ -1,11 +1,12 @@
 """What is particular to Fossil's SQLite file: schema, compatibility, bad files."""
 
+import os
 import sqlite3
 
 import pytest
 
 from mailrelayd.message import read_envelope
-from mailrelayd.queues import QueueError
+from mailrelayd.queues import QueueError, owner_token
 from mailrelayd.queues.sqlite import SqliteQueue
 from conftest import SqliteHarness, fossil_message
 
@@ -112,3 +113,15 @@ def test_replaced_file_is_followed(tmp_path):
     fresh.enqueue(fossil_message(subject="after"))
     [msg] = queue.claim(NOW, 10)
     assert b"Subject: after" in msg.data
+
+
+def test_claim_of_a_live_process_is_kept_until_its_lease_ends(tmp_path):
+    """A claim by a running process (here, our parent) is only taken after its lease."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    harness.enqueue(fossil_message())
+    holder = harness.open_queue(lease=60)
+    holder.owner = owner_token(os.getppid())
+    holder.claim(NOW, 10)
+    other = harness.open_queue()
+    assert other.claim(NOW + 59, 10) == []
+    assert len(other.claim(NOW + 60, 10)) == 1

@@ -195,6 +195,9 @@ class SqliteQueue:
         with self._errors():
             return self._db.execute(_NEXT_DUE).fetchall()[0][0]
 
+    def settles_at(self, now: float) -> float | None:
+        return None  # a row is complete once Fossil's transaction commits
+
     def maintain(self, now: float) -> None:
         """Prune old sentlog rows and state left behind by messages another program removed."""
         with self._errors():

@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+from mailrelayd.files import fsync_dir
 from mailrelayd.message import Envelope, to_lf
 from mailrelayd.outcome import Outcome, Sent, TemporaryFailure
 
@@ -35,18 +36,10 @@ class MaildirTransport:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, self.root / "new" / name)
-            _fsync_dir(self.root / "new")
+            fsync_dir(self.root / "new")
         except OSError as e:
             return TemporaryFailure(f"cannot write to maildir {self.root}: {e.strerror or e}", setup_error=True)
         return Sent(f"new/{name}")
 
     def close(self) -> None:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,338 @@
+"""Fossil's spool directory (email-send-method=dir): one file per message.
+
+The spool is written from inside a jail, so its content is hostile: an entry is only
+read if it is a regular file with one link, opened without following links, no larger
+than `max_size` and (optionally) owned by `owner_uid`; anything else is moved aside to
+corrupt/ with the reason, unread. Fossil writes each file in place with no lock, so a
+file is only taken once its writer closed it (an inotify close-after-write event) or
+it has been unchanged for `settle` seconds.
+
+Each claimed file is held with an exclusive flock for the whole delivery, so several
+relays can share a spool; the lock dies with its process. The state lives beside the
+spool, never in it (Fossil's /stat page counts every entry in the spool as waiting), on
+the same file system so that every move is an atomic rename:
+
+    SPOOL/NAME                        new messages (Fossil's, or mailrelayd-sendmail's)
+    STATE/deferred/NAME               a message waiting for its next try, and beside it
+    STATE/deferred/NAME.state         its attempts, first_seen, next_try, last_error (JSON)
+    STATE/failed/NAME, NAME.reason    set aside by the relay, with the reason
+    STATE/corrupt/NAME, NAME.reason   refused as unsafe or unreadable, with the reason
+    STATE/sent/NAME                   sent, kept with keep_sent until sentlog_retention
+    STATE/tmp/                        state files being written
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailrelayd.files import free_name, fsync_dir, write_durably
+from mailrelayd.inject import split_envelope
+from mailrelayd.message import Envelope
+from mailrelayd.queues import QueuedMessage, QueueError
+
+STATE_DIRS = ("deferred", "failed", "corrupt", "sent", "tmp")
+RESCAN_DEFERRED = 60.0  # seconds: notice messages other relays (or an admin) deferred
+
+
+@dataclass
+class _Held:
+    fd: int
+    path: Path
+
+
+class SpoolQueue:
+    def __init__(self, spool: Path, state: Path | None = None, *, settle: float = 2.0,
+                 max_size: int = 25 * 2**20, owner_uid: int | None = None, keep_sent: bool = False,
+                 sentlog_retention: float = 30 * 86400):
+        self.spool = spool = spool.absolute()
+        self.state = (state or spool.with_name(spool.name + ".mailrelayd")).absolute()
+        self.name = str(spool)
+        self.watch_dir = spool
+        self.settle = settle
+        self.max_size = max_size
+        self.owner_uid = owner_uid
+        self.keep_sent = keep_sent
+        self.sentlog_retention = sentlog_retention
+        self._closed: set[str] = set()  # names whose writer has closed them (watcher's thread)
+        self._held: dict[str, _Held] = {}
+        self._deferred: dict[str, float] | None = None  # name -> next try, as last scanned
+        self._deferred_scanned = float("-inf")
+        self._settles_at: float | None = None  # when the next unsettled new file may be taken
+
+    def dir(self, name: str) -> Path:
+        return self.state / name
+
+    # -- opening -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check the spool, create the state directories, refuse two file systems."""
+        try:
+            spool_dev = self.spool.stat().st_dev
+            if not self.spool.is_dir():
+                raise QueueError(f"{self.spool}: not a directory")
+            self.state.mkdir(mode=0o750, exist_ok=True)
+            for sub in STATE_DIRS:
+                self.dir(sub).mkdir(mode=0o750, exist_ok=True)
+            state_dev = self.state.stat().st_dev
+        except FileNotFoundError as e:
+            raise QueueError(f"{e.filename}: no such directory") from None
+        except OSError as e:
+            raise QueueError(f"{e.filename}: {e.strerror}") from None
+        if spool_dev != state_dev:
+            raise QueueError(f"{self.state} is not on the same file system as {self.spool}: "
+                             "moves would not be atomic; set state_dir to a directory beside the spool")
+
+    def close(self) -> None:
+        for held in self._held.values():
+            os.close(held.fd)
+        self._held.clear()
+
+    def notice(self, kind: str, path: str) -> bool:
+        directory, _, name = path.rpartition("/")
+        if directory != str(self.spool) or name.startswith("."):
+            return False
+        if kind in ("closed", "moved"):  # written and closed, or renamed in whole
+            self._closed.add(name)
+        return True
+
+    # -- claim and acknowledge ----------------------------------------------------
+
+    def claim(self, now: float, limit: int) -> list[QueuedMessage]:
+        claimed: list[QueuedMessage] = []
+        try:
+            for name in self._due_deferred(now):
+                if len(claimed) < limit and (msg := self._take(self.dir("deferred") / name, now)):
+                    claimed.append(msg)
+            for name in self._ready_new(now):
+                if len(claimed) < limit and (msg := self._take(self.spool / name, now)):
+                    claimed.append(msg)
+        except OSError as e:
+            self.release(claimed)
+            raise QueueError(f"{self.spool}: {e.strerror or e}") from None
+        return claimed
+
+    def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None:
+        held = self._held.pop(str(msg.id))
+        with self._finishing(held):
+            if self.keep_sent:
+                os.rename(held.path, free_name(self.dir("sent"), held.path.name))
+                fsync_dir(self.dir("sent"))
+            else:
+                os.unlink(held.path)
+            fsync_dir(held.path.parent)
+            self._forget_deferred(held.path)
+
+    def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float) -> None:
+        held = self._held.pop(str(msg.id))
+        with self._finishing(held):
+            path = held.path
+            if path.parent != self.dir("deferred"):
+                path = free_name(self.dir("deferred"), path.name)
+                os.rename(held.path, path)
+                fsync_dir(held.path.parent)
+            state = {"attempts": msg.attempts + 1, "first_seen": msg.first_seen, "next_try": next_try,
+                     "last_try": now, "last_error": error}
+            write_durably(Path(f"{path}.state"), json.dumps(state).encode(), self.dir("tmp"))
+            if self._deferred is not None:
+                self._deferred[path.name] = next_try
+
+    def set_aside(self, msg: QueuedMessage, reason: str, now: float) -> None:
+        held = self._held.pop(str(msg.id))
+        with self._finishing(held):
+            self._move_aside(held.path, "failed", reason, attempts=msg.attempts + 1,
+                             first_seen=msg.first_seen, failed_at=now)
+            self._forget_deferred(held.path)
+
+    def release(self, msgs: list[QueuedMessage]) -> None:
+        for msg in msgs:
+            held = self._held.pop(str(msg.id), None)
+            if held is not None:
+                os.close(held.fd)
+
+    def next_due(self, now: float) -> float | None:
+        times = [t for name, t in (self._deferred or {}).items() if name not in self._held]
+        if self._settles_at is not None:
+            times.append(self._settles_at)
+        return min(times, default=None)
+
+    def settles_at(self, now: float) -> float | None:
+        return self._settles_at
+
+    def maintain(self, now: float) -> None:
+        """Prune kept sent files past the retention, orphan state files and stale temporaries."""
+        try:
+            for entry in os.scandir(self.dir("sent")):
+                if entry.stat(follow_symlinks=False).st_mtime < now - self.sentlog_retention:
+                    os.unlink(entry.path)
+            for entry in os.scandir(self.dir("deferred")):
+                if entry.name.endswith(".state") and not os.path.lexists(entry.path[: -len(".state")]):
+                    os.unlink(entry.path)
+            for entry in os.scandir(self.dir("tmp")):
+                if entry.stat(follow_symlinks=False).st_mtime < now - 3600:
+                    os.unlink(entry.path)
+        except OSError as e:
+            raise QueueError(f"{self.state}: {e.strerror or e}") from None
+
+    # -- finding work -------------------------------------------------------------
+
+    def _due_deferred(self, now: float) -> list[str]:
+        if self._deferred is None or now - self._deferred_scanned >= RESCAN_DEFERRED or any(
+            t <= now for t in self._deferred.values()
+        ):
+            self._deferred = {}
+            for entry in os.scandir(self.dir("deferred")):
+                if not entry.name.endswith(".state"):
+                    self._deferred[entry.name] = self._read_state(Path(entry.path)).get("next_try", 0.0)
+            self._deferred_scanned = now
+        due = [(t, name) for name, t in self._deferred.items() if t <= now and name not in self._held]
+        return [name for _, name in sorted(due)]
+
+    def _ready_new(self, now: float) -> list[str]:
+        """Names in the spool that are complete: closed by their writer, or settled."""
+        ready, self._settles_at = [], None
+        names = sorted(n for n in os.listdir(self.spool) if not n.startswith("."))
+        if len(self._closed) > 10_000:  # names that others took: forget them
+            self._closed.intersection_update(names)
+        for name in names:
+            if name in self._held:
+                continue
+            if name in self._closed:
+                ready.append(name)
+                continue
+            try:
+                settles = os.lstat(self.spool / name).st_mtime + self.settle
+            except FileNotFoundError:
+                continue
+            if settles <= now:
+                ready.append(name)
+            elif self._settles_at is None or settles < self._settles_at:
+                self._settles_at = settles
+        return ready
+
+    def _take(self, path: Path, now: float) -> QueuedMessage | None:
+        """Lock, check and read one file; None if it is gone, held elsewhere or refused."""
+        try:
+            seen = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(seen.st_mode):
+            self._move_aside(path, "corrupt", f"not a regular file ({_kind(seen.st_mode)}); never opened")
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # gone, or replaced by something else since lstat: look next time
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            opened = os.fstat(fd)
+            if not _same_file(opened, path):  # replaced, moved or sent meanwhile
+                os.close(fd)
+                return None
+        except BlockingIOError:  # another relay is delivering it
+            os.close(fd)
+            return None
+        state = self._read_state(path) if path.parent == self.dir("deferred") else {}
+        if state.get("next_try", 0.0) > now:  # deferred again by another relay meanwhile
+            self._deferred[path.name] = state["next_try"]
+            os.close(fd)
+            return None
+        problem = self._refusal(opened)
+        if problem is None:
+            data = _read_all(fd, self.max_size + 1)
+            if len(data) > self.max_size:
+                problem = f"grew past max_size ({self.max_size}) while being read"
+            try:
+                envelope = split_envelope(data)
+            except ValueError as e:
+                problem = f"bad mailrelayd envelope: {e}"
+        if problem is not None:
+            self._move_aside(path, "corrupt", problem)
+            os.close(fd)
+            return None
+        self._closed.discard(path.name)
+        self._held[path.name] = _Held(fd, path)
+        if envelope is not None:
+            sender, recipients, data = envelope
+        return QueuedMessage(id=path.name, data=data, attempts=state.get("attempts", 0),
+                             first_seen=state.get("first_seen", now),
+                             envelope=(sender, recipients) if envelope is not None else None)
+
+    def _refusal(self, st: os.stat_result) -> str | None:
+        if not stat.S_ISREG(st.st_mode):
+            return f"not a regular file ({_kind(st.st_mode)})"
+        if st.st_nlink != 1:
+            return f"has {st.st_nlink} hard links: it may be a link to a file outside the spool"
+        if st.st_size == 0:
+            return "empty file"
+        if st.st_size > self.max_size:
+            return f"{st.st_size} bytes, over max_size ({self.max_size})"
+        if self.owner_uid is not None and st.st_uid != self.owner_uid:
+            return f"owned by uid {st.st_uid}, not {self.owner_uid} (spool_owner)"
+        return None
+
+    # -- moving files -------------------------------------------------------------
+
+    def _move_aside(self, path: Path, where: str, reason: str, **details) -> None:
+        target = free_name(self.dir(where), path.name)
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return  # another relay moved it first
+        lines = [f"reason: {reason}", *(f"{key}: {value}" for key, value in details.items())]
+        write_durably(Path(f"{target}.reason"), ("\n".join(lines) + "\n").encode(), self.dir("tmp"))
+        fsync_dir(path.parent)
+
+    def _forget_deferred(self, path: Path) -> None:
+        if path.parent == self.dir("deferred"):
+            Path(f"{path}.state").unlink(missing_ok=True)
+            fsync_dir(path.parent)
+            if self._deferred is not None:
+                self._deferred.pop(path.name, None)
+
+    def _read_state(self, path: Path) -> dict:
+        try:
+            state = json.loads(Path(f"{path}.state").read_bytes())
+            return state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            return {}  # no state yet (a crash between move and write): due now, no history
+
+    @contextmanager
+    def _finishing(self, held: _Held):
+        """Record an outcome, then close the file, releasing its lock, whatever happens."""
+        try:
+            yield
+        except OSError as e:
+            raise QueueError(f"{self.spool}: {e.strerror or e}") from None
+        finally:
+            os.close(held.fd)
+
+
+def _same_file(st: os.stat_result, path: Path) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """At most `limit` bytes of the file."""
+    chunks, total = [], 0
+    while total < limit and (chunk := os.read(fd, min(limit - total, 1 << 20))):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "unknown kind"
