@@ -33,6 +33,7 @@ from pathlib import Path
 
 from mailrelayd.files import free_name, fsync_dir, write_durably
 from mailrelayd.inject import split_envelope
+from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope
 from mailrelayd.queues import QueuedMessage, QueueError
 
@@ -64,6 +65,7 @@ class SpoolQueue:
         self._deferred: dict[str, float] | None = None  # name -> next try, as last scanned
         self._deferred_scanned = float("-inf")
         self._settles_at: float | None = None  # when the next unsettled new file may be taken
+        self.log = get_logger(queue=self.name)
 
     def dir(self, name: str) -> Path:
         return self.state / name
@@ -284,6 +286,8 @@ class SpoolQueue:
             os.rename(path, target)
         except FileNotFoundError:
             return  # another relay moved it first
+        if where == "corrupt":
+            self.log.warning("message_refused", emailid=path.name, reason=reason, moved_to=str(target))
         lines = [f"reason: {reason}", *(f"{key}: {value}" for key, value in details.items())]
         write_durably(Path(f"{target}.reason"), ("\n".join(lines) + "\n").encode(), self.dir("tmp"))
         fsync_dir(path.parent)
