@@ -128,19 +128,19 @@ class Relay:
     def run(self, on_ready: Callable[[], None] = lambda: None) -> None:
         """Relay until `stop()`: wake on file events, SIGUSR1 (`wake`) and every poll interval."""
         watcher = DirectoryWatcher(self.queue.watch_dir, self.queue.notice, self.wake)
-        problem = None
+        said_events = said_queue = None  # each problem is logged once, not at every retry
         while not self._stopping:
             why = watcher.start()
-            if why and why != problem:
+            if why and why != said_events:
                 self.log.warning("file_events_unavailable", reason=why, poll_interval_s=self.poll_interval)
-                problem = why
+                said_events = why
             try:
                 self.queue.open()
                 break
             except QueueError as e:
-                if str(e) != problem:
+                if str(e) != said_queue:
                     self.log.error("queue_unavailable", error=str(e), retry_in_s=self.poll_interval)
-                    problem = str(e)
+                    said_queue = str(e)
                 self._wait(self.poll_interval)
         if not self._stopping:
             self.log.info("relay_started", workers=self.workers, file_events=watcher.running)
@@ -234,9 +234,10 @@ class Relay:
             due = self.queue.next_due(now)
         except QueueError:
             due = None
-        # Due now yet not claimable (another process holds it): still never spin.
-        wait = self.poll_interval if due is None else max(due - now, 1.0)
-        return min(wait, self.poll_interval)
+        if due is None:
+            return self.poll_interval
+        # Due already yet not claimed (another process holds it): look again, but never spin.
+        return min(due - now if due > now else 1.0, self.poll_interval)
 
     def _settle_wait(self, now: float, started: float) -> float | None:
         """How long a drain should wait for messages still being written, or None to stop."""

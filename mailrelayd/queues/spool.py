@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import stat
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class SpoolQueue:
         self._held: dict[str, _Held] = {}
         self._deferred: dict[str, float] | None = None  # name -> next try, as last scanned
         self._deferred_scanned = float("-inf")
+        self._ready: deque[str] = deque()  # complete new files from the last listing, oldest first
         self._settles_at: float | None = None  # when the next unsettled new file may be taken
         self.log = get_logger(queue=self.name)
 
@@ -109,10 +111,21 @@ class SpoolQueue:
         claimed: list[QueuedMessage] = []
         try:
             for name in self._due_deferred(now):
-                if len(claimed) < limit and (msg := self._take(self.dir("deferred") / name, now)):
+                if len(claimed) >= limit:
+                    break
+                path = self.dir("deferred") / name
+                if msg := self._take(path, now):
                     claimed.append(msg)
-            for name in self._ready_new(now):
-                if len(claimed) < limit and (msg := self._take(self.spool / name, now)):
+                elif not os.path.lexists(path):  # sent or set aside by another relay
+                    self._deferred.pop(name, None)
+            listed = False
+            while len(claimed) < limit:
+                if not self._ready:  # the directory is listed only once the last listing is used up
+                    if listed:
+                        break
+                    self._ready.extend(self._list_ready(now))
+                    listed = True
+                elif msg := self._take(self.spool / self._ready.popleft(), now):
                     claimed.append(msg)
         except OSError as e:
             self.release(claimed)
@@ -125,9 +138,9 @@ class SpoolQueue:
             if self.keep_sent:
                 os.rename(held.path, free_name(self.dir("sent"), held.path.name))
                 fsync_dir(self.dir("sent"))
-            else:
+                fsync_dir(held.path.parent)
+            else:  # an unlink lost in a power cut can only mean a message sent twice
                 os.unlink(held.path)
-            fsync_dir(held.path.parent)
             self._forget_deferred(held.path)
 
     def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float) -> None:
@@ -184,9 +197,9 @@ class SpoolQueue:
     # -- finding work -------------------------------------------------------------
 
     def _due_deferred(self, now: float) -> list[str]:
-        if self._deferred is None or now - self._deferred_scanned >= RESCAN_DEFERRED or any(
-            t <= now for t in self._deferred.values()
-        ):
+        """Deferred names due by now, from an index kept up to date by our own changes and
+        read again from disk every RESCAN_DEFERRED seconds (for other relays' changes)."""
+        if self._deferred is None or now - self._deferred_scanned >= RESCAN_DEFERRED:
             self._deferred = {}
             for entry in os.scandir(self.dir("deferred")):
                 if not entry.name.endswith(".state"):
@@ -195,7 +208,7 @@ class SpoolQueue:
         due = [(t, name) for name, t in self._deferred.items() if t <= now and name not in self._held]
         return [name for _, name in sorted(due)]
 
-    def _ready_new(self, now: float) -> list[str]:
+    def _list_ready(self, now: float) -> list[str]:
         """Names in the spool that are complete: closed by their writer, or settled."""
         ready, self._settles_at = [], None
         names = sorted(n for n in os.listdir(self.spool) if not n.startswith("."))
@@ -294,8 +307,7 @@ class SpoolQueue:
 
     def _forget_deferred(self, path: Path) -> None:
         if path.parent == self.dir("deferred"):
-            Path(f"{path}.state").unlink(missing_ok=True)
-            fsync_dir(path.parent)
+            Path(f"{path}.state").unlink(missing_ok=True)  # an orphan left by a crash: maintain() prunes it
             if self._deferred is not None:
                 self._deferred.pop(path.name, None)
 
