@@ -39,4 +39,19 @@ class PermanentFailure:
     name = "failed"
 
 
-Outcome = Sent | TemporaryFailure | PermanentFailure
+@dataclass(frozen=True)
+class PartlySent:
+    """Some recipients took the message and others did not (SMTP answers per recipient).
+
+    Only the recipients in `temporary` may be tried again; those in `permanent` were
+    refused for good; the `accepted` ones must never get the message twice. Each
+    failure is (recipient, the server's reply).
+    """
+
+    accepted: tuple[str, ...]
+    temporary: tuple[tuple[str, str], ...] = ()
+    permanent: tuple[tuple[str, str], ...] = ()
+    name = "partly sent"
+
+
+Outcome = Sent | TemporaryFailure | PermanentFailure | PartlySent
