@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope, MalformedMessage, explicit_envelope, read_envelope
-from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
+from mailrelayd.outcome import Outcome, PartlySent, PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.queues import Queue, QueuedMessage, QueueError
 from mailrelayd.transports import Transport
 from mailrelayd.watch import DirectoryWatcher
@@ -318,6 +318,26 @@ class Relay:
                 report.deferred += 1
                 level = self.log.error if setup_error else self.log.warning
                 level("message_deferred", outcome="deferred", reason=detail, retry_in_s=round(delay), **context)
+            case PartlySent(accepted=accepted, temporary=temporary, permanent=permanent):
+                self._record_partial(msg, accepted, temporary, permanent, now, report, context)
+
+    def _record_partial(self, msg, accepted, temporary, permanent, now, report, context) -> None:
+        """Some recipients took it: retry only the temporary refusals, report the others."""
+        for recipient, reply in permanent:
+            self.log.error("recipient_refused", emailid=msg.id, recipient=recipient, reason=reply)
+        summary = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
+        summary += f" (delivered to {len(accepted)} other recipient{'s' * (len(accepted) != 1)})"
+        context = {**context, "accepted": ",".join(accepted)}
+        if temporary and now - msg.first_seen < self.retry.max_age:
+            delay = self.retry.delay(msg.attempts + 1, self.rng)
+            self.queue.defer(msg, summary, now + delay, now, recipients=tuple(r for r, _ in temporary))
+            report.deferred += 1
+            self.log.warning("message_deferred", outcome="partly sent", reason=summary, retry_in_s=round(delay),
+                             **context)
+        else:
+            self.queue.set_aside(msg, summary, now, recipients=tuple(r for r, _ in (*temporary, *permanent)))
+            report.failed += 1
+            self.log.error("message_failed", outcome="partly sent", reason=summary, **context)
 
     def _release(self, msgs: list[QueuedMessage]) -> None:
         try:

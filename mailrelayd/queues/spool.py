@@ -143,7 +143,8 @@ class SpoolQueue:
                 os.unlink(held.path)
             self._forget_deferred(held.path)
 
-    def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float) -> None:
+    def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float,
+              recipients: tuple[str, ...] | None = None) -> None:
         held = self._held.pop(str(msg.id))
         with self._finishing(held):
             path = held.path
@@ -153,15 +154,20 @@ class SpoolQueue:
                 fsync_dir(held.path.parent)
             state = {"attempts": msg.attempts + 1, "first_seen": msg.first_seen, "next_try": next_try,
                      "last_try": now, "last_error": error}
+            remaining = recipients if recipients is not None else self._read_state(path).get("recipients")
+            if remaining:  # after a partial send, only these are still to get it
+                state["recipients"] = list(remaining)
             write_durably(Path(f"{path}.state"), json.dumps(state).encode(), self.dir("tmp"))
             if self._deferred is not None:
                 self._deferred[path.name] = next_try
 
-    def set_aside(self, msg: QueuedMessage, reason: str, now: float) -> None:
+    def set_aside(self, msg: QueuedMessage, reason: str, now: float,
+                  recipients: tuple[str, ...] | None = None) -> None:
         held = self._held.pop(str(msg.id))
+        extra = {"recipients": ", ".join(recipients)} if recipients is not None else {}
         with self._finishing(held):
             self._move_aside(held.path, "failed", reason, attempts=msg.attempts + 1,
-                             first_seen=msg.first_seen, failed_at=now)
+                             first_seen=msg.first_seen, failed_at=now, **extra)
             self._forget_deferred(held.path)
 
     def release(self, msgs: list[QueuedMessage]) -> None:
@@ -272,11 +278,14 @@ class SpoolQueue:
             return None
         self._closed.discard(path.name)
         self._held[path.name] = _Held(fd, path)
+        recorded = None  # (sender, recipients) recorded beside the message
         if envelope is not None:
             sender, recipients, data = envelope
+            recorded = (sender, recipients)
+        if state.get("recipients"):  # after a partial send, only those still to get it
+            recorded = (recorded[0] if recorded else "", tuple(state["recipients"]))
         return QueuedMessage(id=path.name, data=data, attempts=state.get("attempts", 0),
-                             first_seen=state.get("first_seen", now),
-                             envelope=(sender, recipients) if envelope is not None else None)
+                             first_seen=state.get("first_seen", now), envelope=recorded)
 
     def _refusal(self, st: os.stat_result) -> str | None:
         if not stat.S_ISREG(st.st_mode):

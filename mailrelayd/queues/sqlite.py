@@ -16,6 +16,7 @@ are read outside any write transaction (WAL lets Fossil write meanwhile).
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ WHERE mailrelayd_queue.next_try <= ?1
 """
 
 _CLAIMED = """
-SELECT q.emailid, q.attempts, q.first_seen, q.digest, CAST(e.msg AS BLOB)
+SELECT q.emailid, q.attempts, q.first_seen, q.digest, q.recipients, CAST(e.msg AS BLOB)
 FROM mailrelayd_queue q JOIN email e ON e.emailid = q.emailid
 WHERE q.owner = ?1 AND q.emailid IN ({ids}) ORDER BY q.emailid
 """
@@ -56,12 +57,12 @@ CREATE TEMP TRIGGER IF NOT EXISTS mailrelayd_sent_insert INSTEAD OF INSERT ON ma
     INSERT INTO sentlog(mtime, xto, xfrom, xsubject, xsize)
         SELECT NEW.mtime, NEW.xto, NEW.xfrom, NEW.xsubject, NEW.xsize WHERE NEW.xsize IS NOT NULL;
 END;
-CREATE TEMP VIEW IF NOT EXISTS mailrelayd_set_aside(emailid, reason, attempts, first_seen, failed_at)
-    AS SELECT NULL, NULL, NULL, NULL, NULL WHERE 0;
+CREATE TEMP VIEW IF NOT EXISTS mailrelayd_set_aside(emailid, reason, attempts, first_seen, failed_at, recipients)
+    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
 CREATE TEMP TRIGGER IF NOT EXISTS mailrelayd_set_aside_insert INSTEAD OF INSERT ON mailrelayd_set_aside BEGIN
-    INSERT INTO mailrelayd_failed(emailid, msg, reason, attempts, first_seen, failed_at, last_error)
+    INSERT INTO mailrelayd_failed(emailid, msg, reason, attempts, first_seen, failed_at, last_error, recipients)
         SELECT e.emailid, CAST(e.msg AS BLOB), NEW.reason, NEW.attempts, NEW.first_seen, NEW.failed_at,
-               q.last_error
+               q.last_error, NEW.recipients
         FROM email e LEFT JOIN mailrelayd_queue q ON q.emailid = e.emailid WHERE e.emailid = NEW.emailid;
     DELETE FROM email WHERE emailid = NEW.emailid;
     DELETE FROM mailrelayd_queue WHERE emailid = NEW.emailid;
@@ -159,29 +160,33 @@ class SqliteQueue:
         return []
 
     def _message(self, emailid: int, attempts: int, first_seen: float, digest: bytes | None,
-                 data: bytes | None) -> QueuedMessage:
+                 recipients: str | None, data: bytes | None) -> QueuedMessage:
         data = data or b""
         if digest is not None and digest != _digest(data):
-            attempts = 0  # the emailid was reused for a new message after ours left the queue
-        return QueuedMessage(id=emailid, data=data, attempts=attempts, first_seen=first_seen)
+            attempts, recipients = 0, None  # the emailid was reused after ours left the queue
+        envelope = ("", tuple(json.loads(recipients))) if recipients else None
+        return QueuedMessage(id=emailid, data=data, attempts=attempts, first_seen=first_seen, envelope=envelope)
 
     def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None:
         log = (envelope.to_header, envelope.from_address, envelope.subject, envelope.size) if envelope else (None,) * 4
         with self._errors():
             self._db.execute("INSERT INTO mailrelayd_sent VALUES (?, ?, ?, ?, ?, ?)", (msg.id, int(now), *log))
 
-    def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float) -> None:
+    def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float,
+              recipients: tuple[str, ...] | None = None) -> None:
         with self._errors():
             self._db.execute(
                 "UPDATE mailrelayd_queue SET attempts = ?, next_try = ?, last_try = ?, last_error = ?,"
-                " digest = ?, owner = NULL, lease_until = NULL WHERE emailid = ?",
-                (msg.attempts + 1, next_try, now, error, _digest(msg.data), msg.id),
+                " digest = ?, recipients = coalesce(?, recipients), owner = NULL, lease_until = NULL"
+                " WHERE emailid = ?",
+                (msg.attempts + 1, next_try, now, error, _digest(msg.data), _json(recipients), msg.id),
             )
 
-    def set_aside(self, msg: QueuedMessage, reason: str, now: float) -> None:
+    def set_aside(self, msg: QueuedMessage, reason: str, now: float,
+                  recipients: tuple[str, ...] | None = None) -> None:
         with self._errors():
-            self._db.execute("INSERT INTO mailrelayd_set_aside VALUES (?, ?, ?, ?, ?)",
-                             (msg.id, reason, msg.attempts + 1, msg.first_seen, now))
+            self._db.execute("INSERT INTO mailrelayd_set_aside VALUES (?, ?, ?, ?, ?, ?)",
+                             (msg.id, reason, msg.attempts + 1, msg.first_seen, now, _json(recipients)))
 
     def release(self, msgs: list[QueuedMessage]) -> None:
         with self._errors():
@@ -257,7 +262,8 @@ CREATE TABLE IF NOT EXISTS mailrelayd_queue(
     last_try REAL,
     last_error TEXT,
     owner TEXT,                   -- host:pid:start time of the process delivering it
-    lease_until REAL
+    lease_until REAL,
+    recipients TEXT               -- JSON list: who is still to get it, after a partial send
 );
 CREATE INDEX IF NOT EXISTS mailrelayd_queue_owner ON mailrelayd_queue(owner);
 CREATE TABLE IF NOT EXISTS mailrelayd_failed(
@@ -268,7 +274,8 @@ CREATE TABLE IF NOT EXISTS mailrelayd_failed(
     attempts INT,
     first_seen REAL,
     failed_at REAL,
-    last_error TEXT
+    last_error TEXT,
+    recipients TEXT               -- JSON list: who never got it, when others did
 );
 """
 
@@ -278,7 +285,15 @@ def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
     email_columns = {row[1] for row in conn.execute("PRAGMA table_info(email)").fetchall()}
     if email_columns and not {"emailid", "msg"} <= email_columns:
         raise QueueError(f"{path}: table email has no emailid and msg columns: not a Fossil email queue")
-    conn.executescript(_SCHEMA + _OUTCOME_VIEWS)
+    conn.executescript(_SCHEMA)
+    for table in ("mailrelayd_queue", "mailrelayd_failed"):  # files made before partial sends were kept
+        if "recipients" not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN recipients TEXT")
+    conn.executescript(_OUTCOME_VIEWS)
+
+
+def _json(recipients: tuple[str, ...] | None) -> str | None:
+    return json.dumps(list(recipients)) if recipients is not None else None
 
 
 def _digest(data: bytes) -> bytes:
