@@ -17,7 +17,9 @@ from mailrelayd.queues.spool import SpoolQueue
 from mailrelayd.queues.sqlite import SqliteQueue
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.maildir import MaildirTransport
+from mailrelayd.transports import Transport
 from mailrelayd.transports.pipe import PipeTransport
+from mailrelayd.transports.smtp import SmtpSettings, SmtpSettingsError, SmtpTransport
 
 EX_USAGE, EX_CONFIG = 64, 78
 
@@ -67,13 +69,38 @@ def make_queue(config: Config) -> Queue:
     return SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention)
 
 
+def make_transport(config: Config) -> Transport:
+    """The configured transport; ConfigError if it cannot work as configured."""
+    if config.maildir:
+        return MaildirTransport(config.maildir)
+    if not config.smtp_server:
+        return PipeTransport(config.command, config.timeout, config.permanent_exit_codes)
+    password = None
+    if config.smtp_password_file:
+        try:
+            password = config.smtp_password_file.read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"cannot read smtp_password_file {config.smtp_password_file}: {e.strerror}") from None
+    settings = SmtpSettings(
+        server=config.smtp_server, port=config.smtp_port,
+        use_tls=config.use_tls or ("implicit" if config.smtp_port == 465 else "starttls"),
+        ca_file=str(config.smtp_ca_file) if config.smtp_ca_file else None, insecure=config.smtp_insecure,
+        user=config.smtp_user, password=password, allow_plaintext_auth=config.smtp_allow_plaintext_auth,
+        envelope_from=config.smtp_from, default_domain=config.smtp_default_domain,
+        use_short_addr=config.use_short_addr, always_bcc=config.smtp_always_bcc, helo=config.smtp_helo,
+        max_messages=config.smtp_max_messages, idle_timeout=config.smtp_idle_timeout,
+        connect_timeout=config.smtp_connect_timeout, reply_timeout=config.smtp_reply_timeout,
+        message_timeout=config.timeout, max_connections=config.workers,
+    )
+    try:
+        return SmtpTransport(settings)
+    except SmtpSettingsError as e:
+        raise ConfigError(str(e)) from None
+
+
 def make_relay(config: Config) -> Relay:
     queue = make_queue(config)
-    transport = (
-        MaildirTransport(config.maildir)
-        if config.maildir
-        else PipeTransport(config.command, config.timeout, config.permanent_exit_codes)
-    )
+    transport = make_transport(config)
     retry = RetryPolicy(config.retry_delay, config.max_retry_delay, config.max_age)
     return Relay(queue, transport, workers=config.workers, retry=retry,
                  poll_interval=config.poll_interval, envelope_from=config.envelope_from)
@@ -93,17 +120,26 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     configure(config.log_format, config.log_level)
     log = get_logger()
-    relay = make_relay(config)
-    if not config.maildir and not _runnable(config.command[0]):
+    try:
+        relay = make_relay(config)
+    except ConfigError as e:
+        print(f"mailrelayd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if config.smtp_insecure:
+        log.warning("smtp_certificate_not_verified", server=config.smtp_server,
+                    note="smtp_insecure is set: anyone on the path can read and change the mail")
+    if not config.maildir and not config.smtp_server and not _runnable(config.command[0]):
         log.error("command_not_runnable", command=config.command[0],
                   note="messages stay queued and are retried until it can be run")
-    if args.drain:
-        return _drain(relay, log)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: relay.stop())
-    signal.signal(signal.SIGUSR1, lambda *_: relay.wake())
-    relay.run()
-    return 0
+    try:
+        if args.drain:
+            return _drain(relay, log)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: relay.stop())
+        signal.signal(signal.SIGUSR1, lambda *_: relay.wake())
+        return relay.run()
+    finally:
+        relay.transport.close()
 
 
 def _drain(relay: Relay, log) -> int:

@@ -33,6 +33,23 @@ class Config:
     spool_owner: int | None = None
     command: tuple[str, ...] = ("/usr/sbin/sendmail", "-ti")
     maildir: Path | None = None
+    smtp_server: str | None = None
+    smtp_port: int = 25
+    use_tls: str | None = None  # None: implicit on port 465, else starttls
+    smtp_ca_file: Path | None = None
+    smtp_insecure: bool = False
+    smtp_user: str | None = None
+    smtp_password_file: Path | None = None
+    smtp_allow_plaintext_auth: bool = False
+    smtp_from: str | None = None
+    smtp_default_domain: str | None = None
+    use_short_addr: bool = False
+    smtp_always_bcc: tuple[str, ...] = ()
+    smtp_helo: str | None = None
+    smtp_max_messages: int = 100
+    smtp_idle_timeout: float = 30.0
+    smtp_connect_timeout: float = 30.0
+    smtp_reply_timeout: float = 60.0
     workers: int = 4
     timeout: float = 60.0
     poll_interval: float = 10.0
@@ -157,6 +174,39 @@ def _user(value: Any) -> int:
         raise ValueError("expected a user name or uid that exists on this host") from None
 
 
+def _host(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._:\[\]-]{1,253}", value) and not value.startswith("-"):
+        return value
+    raise ValueError("expected a host name or address")
+
+
+def _address(value: Any) -> str:
+    from mailrelayd.message import safe_address
+
+    if isinstance(value, str) and safe_address(value):
+        return value
+    raise ValueError("expected a plain address such as noreply@example.org")
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of addresses")
+    return tuple(_address(v) for v in items if v)
+
+
+def _domain(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+        return value
+    raise ValueError("expected a domain such as example.org")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str) and value and value.isprintable() and not value.startswith("-"):
+        return value
+    raise ValueError("expected a word")
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -187,6 +237,24 @@ OPTIONS = [
     Option("command", _command, "CMD", "sendmail-compatible command, split like a shell but not run by one"
            " (default: '/usr/sbin/sendmail -ti')"),
     Option("maildir", _path, "DIR", "deliver into this local Maildir instead of running a command"),
+    Option("smtp_server", _host, "HOST", "send to this SMTP server (smarthost) instead of running a command"),
+    Option("smtp_port", _int_range(1, 65535), "PORT", "the SMTP server's port (default: 25)"),
+    Option("use_tls", _choice("starttls", "implicit", "none"), "MODE", "starttls, implicit or none"
+           " (default: implicit on port 465, else starttls)"),
+    Option("smtp_ca_file", _path, "FILE", "CA certificates (PEM) to verify the SMTP server with"),
+    Option("smtp_insecure", _bool, "", "do not verify the SMTP server's certificate (unsafe)"),
+    Option("smtp_user", _text, "USER", "log in to the SMTP server as this user"),
+    Option("smtp_password_file", _path, "FILE", "file holding the SMTP password (never a flag or TOML value)"),
+    Option("smtp_allow_plaintext_auth", _bool, "", "allow logging in without TLS"),
+    Option("smtp_from", _address, "ADDR", "fixed SMTP envelope sender (default: as envelope_from)"),
+    Option("smtp_default_domain", _domain, "DOMAIN", "append @DOMAIN to recipients without a domain"),
+    Option("use_short_addr", _bool, "", "send recipients without a domain unchanged"),
+    Option("smtp_always_bcc", _addresses, "LIST", "extra recipients of every message, never in its headers"),
+    Option("smtp_helo", _host, "NAME", "name to give in EHLO (default: this host's)"),
+    Option("smtp_max_messages", _int_range(1, 100000), "N", "messages per SMTP connection (default: 100)"),
+    Option("smtp_idle_timeout", _duration(0.1), "DURATION", "close SMTP connections idle this long (default: 30s)"),
+    Option("smtp_connect_timeout", _duration(0.1), "DURATION", "give up connecting after (default: 30s)"),
+    Option("smtp_reply_timeout", _duration(0.1), "DURATION", "give up waiting for a reply after (default: 60s)"),
     Option("workers", _int_range(1, 256), "N", "deliveries run at once (default: 4)"),
     Option("timeout", _duration(1), "DURATION", "kill a delivery that takes longer (default: 60s)"),
     Option("poll_interval", _duration(0.1), "DURATION", "scan this often even without file events (default: 10s)"),
@@ -232,10 +300,14 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any], source: str 
             except ValueError as e:
                 shown = f"--{key.replace('_', '-')}" if origin == "flag" else key
                 raise ConfigError(f"bad value for {shown} ({raw!r}): {e}") from None
-    if "maildir" in values and "command" in values:
-        if ("maildir" in flag_values) == ("command" in flag_values):
-            raise ConfigError("command and maildir both given: choose one way to deliver")
-        del values["command" if "maildir" in flag_values else "maildir"]
+    ways = [k for k in ("command", "maildir", "smtp_server") if k in values]
+    if len(ways) > 1:  # a flag overrides the file's way to deliver; two of one kind conflict
+        by_flag = [k for k in ways if k in flag_values]
+        if len(by_flag) != 1:
+            raise ConfigError(f"{' and '.join(ways)} are all given: choose one way to deliver")
+        for k in ways:
+            if k not in by_flag:
+                del values[k]
     if ("db" in values) == ("spool" in values):
         raise ConfigError("give one queue: db (--db FILE) or spool (--spool DIR)")
     config = Config(**values)

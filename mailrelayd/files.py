@@ -27,9 +27,10 @@ def write_durably(path: Path, data: bytes, tmp_dir: Path) -> None:
 
 
 def free_name(directory: Path, name: str) -> Path:
-    """`directory/name`, or `name.1`, `name.2`... if taken: never replace a message."""
+    """`directory/name`, or `name.1`, `name.2`... if that or its `.reason` file is taken:
+    never replace a message or the reason kept beside one."""
     candidate, n = directory / name, 0
-    while os.path.lexists(candidate) or os.path.lexists(f"{candidate}.state"):
+    while os.path.lexists(candidate) or os.path.lexists(f"{candidate}.reason"):
         n += 1
         candidate = directory / f"{name}.{n}"
     return candidate

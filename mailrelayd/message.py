@@ -38,6 +38,7 @@ class Envelope:
     subject: str
     size: int
     explicit: bool = False
+    remaining: bool = False  # the recipients left after a partial send; the others had it
 
 
 def header_block(data: bytes) -> bytes:

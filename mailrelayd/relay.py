@@ -125,8 +125,10 @@ class Relay:
         self._loop(report, until_idle=True)
         return report
 
-    def run(self, on_ready: Callable[[], None] = lambda: None) -> None:
-        """Relay until `stop()`: wake on file events, SIGUSR1 (`wake`) and every poll interval."""
+    def run(self, on_ready: Callable[[], None] = lambda: None) -> int:
+        """Relay until `stop()`: wake on file events, SIGUSR1 (`wake`) and every poll interval.
+
+        Returns the exit status: 0, or 66 when the queue's set-up can never work."""
         watcher = DirectoryWatcher(self.queue.watch_dir, self.queue.notice, self.wake)
         said_events = said_queue = None  # each problem is logged once, not at every retry
         while not self._stopping:
@@ -138,6 +140,10 @@ class Relay:
                 self.queue.open()
                 break
             except QueueError as e:
+                if e.permanent:
+                    self.log.critical("queue_unavailable", error=str(e), note="this cannot come right by waiting")
+                    watcher.stop()
+                    return EX_NOINPUT
                 if str(e) != said_queue:
                     self.log.error("queue_unavailable", error=str(e), retry_in_s=self.poll_interval)
                     said_queue = str(e)
@@ -149,6 +155,7 @@ class Relay:
             self._loop(DrainReport(), until_idle=False, watcher=watcher)
         watcher.stop()
         self.log.info("relay_stopped")
+        return EX_OK
 
     # -- the engine ---------------------------------------------------------------
 
@@ -255,7 +262,10 @@ class Relay:
     def _deliver(self, msg: QueuedMessage) -> _Done:
         started = time.perf_counter()
         try:
-            envelope = explicit_envelope(msg.data, *msg.envelope) if msg.envelope else read_envelope(msg.data)
+            if msg.envelope:
+                envelope = replace(explicit_envelope(msg.data, *msg.envelope), remaining=msg.partial)
+            else:
+                envelope = read_envelope(msg.data)
         except MalformedMessage as e:
             return _Done(msg, None, PermanentFailure(str(e)), 0.0)
         if self.envelope_from != "header":

@@ -169,7 +169,7 @@ class SpoolHarness:
         waiting = [n for n in os.listdir(self.path) if not n.startswith(".")]
         deferred = self.state / "deferred"
         if deferred.is_dir():
-            waiting += [n for n in os.listdir(deferred) if not n.endswith(".state")]
+            waiting += os.listdir(deferred)
         return len(waiting)
 
     def failed(self) -> list[tuple[str, int]]:
@@ -182,7 +182,8 @@ class SpoolHarness:
     def deferred(self) -> list[tuple[int, float, str]]:
         import json
 
-        states = [json.loads(p.read_text()) for p in sorted((self.state / "deferred").glob("*.state"))]
+        schedule = self.state / "schedule"
+        states = [json.loads(p.read_text()) for p in sorted(schedule.iterdir())] if schedule.is_dir() else []
         return [(s["attempts"], s["next_try"], s["last_error"]) for s in states]
 
 

@@ -19,7 +19,15 @@ from mailrelayd.message import Envelope
 
 
 class QueueError(Exception):
-    """The queue cannot be opened, read or written right now; the message says why."""
+    """The queue cannot be opened, read or written right now; the message says why.
+
+    `permanent` marks a set-up that cannot come right by waiting (the spool's state on
+    another file system): a daemon gives up instead of retrying.
+    """
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,8 @@ class QueuedMessage:
     """One claimed message: its id in its queue, its bytes, and its delivery history.
 
     `envelope` is (sender, recipients) when they were recorded beside the message (by
-    mailrelayd-sendmail); then exactly those recipients get it, whatever its header says.
+    mailrelayd-sendmail, or after a partial send: then `partial`); exactly those
+    recipients get it, whatever its header says.
     """
 
     id: int | str
@@ -35,6 +44,7 @@ class QueuedMessage:
     attempts: int
     first_seen: float
     envelope: tuple[str, tuple[str, ...]] | None = None
+    partial: bool = False
 
 
 class Queue(Protocol):

@@ -13,8 +13,8 @@ spool, never in it (Fossil's /stat page counts every entry in the spool as waiti
 the same file system so that every move is an atomic rename:
 
     SPOOL/NAME                        new messages (Fossil's, or mailrelayd-sendmail's)
-    STATE/deferred/NAME               a message waiting for its next try, and beside it
-    STATE/deferred/NAME.state         its attempts, first_seen, next_try, last_error (JSON)
+    STATE/deferred/NAME               a message waiting for its next try
+    STATE/schedule/NAME               its attempts, first_seen, next_try, last_error (JSON)
     STATE/failed/NAME, NAME.reason    set aside by the relay, with the reason
     STATE/corrupt/NAME, NAME.reason   refused as unsafe or unreadable, with the reason
     STATE/sent/NAME                   sent, kept with keep_sent until sentlog_retention
@@ -38,7 +38,7 @@ from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope
 from mailrelayd.queues import QueuedMessage, QueueError
 
-STATE_DIRS = ("deferred", "failed", "corrupt", "sent", "tmp")
+STATE_DIRS = ("deferred", "schedule", "failed", "corrupt", "sent", "tmp")
 RESCAN_DEFERRED = 60.0  # seconds: notice messages other relays (or an admin) deferred
 
 
@@ -75,22 +75,22 @@ class SpoolQueue:
     # -- opening -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Check the spool, create the state directories, refuse two file systems."""
+        """Check the spool, refuse two file systems, create the state directories."""
         try:
             spool_dev = self.spool.stat().st_dev
             if not self.spool.is_dir():
                 raise QueueError(f"{self.spool}: not a directory")
+            state_dev = (self.state if self.state.exists() else self.state.parent).stat().st_dev
+            if spool_dev != state_dev:
+                raise QueueError(f"{self.state} is not on the same file system as {self.spool}: moves would"
+                                 " not be atomic; set state_dir to a directory beside the spool", permanent=True)
             self.state.mkdir(mode=0o750, exist_ok=True)
             for sub in STATE_DIRS:
                 self.dir(sub).mkdir(mode=0o750, exist_ok=True)
-            state_dev = self.state.stat().st_dev
         except FileNotFoundError as e:
             raise QueueError(f"{e.filename}: no such directory") from None
         except OSError as e:
             raise QueueError(f"{e.filename}: {e.strerror}") from None
-        if spool_dev != state_dev:
-            raise QueueError(f"{self.state} is not on the same file system as {self.spool}: "
-                             "moves would not be atomic; set state_dir to a directory beside the spool")
 
     def close(self) -> None:
         for held in self._held.values():
@@ -136,7 +136,9 @@ class SpoolQueue:
         held = self._held.pop(str(msg.id))
         with self._finishing(held):
             if self.keep_sent:
-                os.rename(held.path, free_name(self.dir("sent"), held.path.name))
+                kept = free_name(self.dir("sent"), held.path.name)
+                os.rename(held.path, kept)
+                os.utime(kept, (now, now))  # kept for sentlog_retention from now, not from its writing
                 fsync_dir(self.dir("sent"))
                 fsync_dir(held.path.parent)
             else:  # an unlink lost in a power cut can only mean a message sent twice
@@ -157,7 +159,7 @@ class SpoolQueue:
             remaining = recipients if recipients is not None else self._read_state(path).get("recipients")
             if remaining:  # after a partial send, only these are still to get it
                 state["recipients"] = list(remaining)
-            write_durably(Path(f"{path}.state"), json.dumps(state).encode(), self.dir("tmp"))
+            write_durably(self._schedule(path), json.dumps(state).encode(), self.dir("tmp"))
             if self._deferred is not None:
                 self._deferred[path.name] = next_try
 
@@ -191,8 +193,8 @@ class SpoolQueue:
             for entry in os.scandir(self.dir("sent")):
                 if entry.stat(follow_symlinks=False).st_mtime < now - self.sentlog_retention:
                     os.unlink(entry.path)
-            for entry in os.scandir(self.dir("deferred")):
-                if entry.name.endswith(".state") and not os.path.lexists(entry.path[: -len(".state")]):
+            for entry in os.scandir(self.dir("schedule")):
+                if not os.path.lexists(self.dir("deferred") / entry.name):
                     os.unlink(entry.path)
             for entry in os.scandir(self.dir("tmp")):
                 if entry.stat(follow_symlinks=False).st_mtime < now - 3600:
@@ -208,8 +210,7 @@ class SpoolQueue:
         if self._deferred is None or now - self._deferred_scanned >= RESCAN_DEFERRED:
             self._deferred = {}
             for entry in os.scandir(self.dir("deferred")):
-                if not entry.name.endswith(".state"):
-                    self._deferred[entry.name] = self._read_state(Path(entry.path)).get("next_try", 0.0)
+                self._deferred[entry.name] = self._read_state(Path(entry.path)).get("next_try", 0.0)
             self._deferred_scanned = now
         due = [(t, name) for name, t in self._deferred.items() if t <= now and name not in self._held]
         return [name for _, name in sorted(due)]
@@ -285,7 +286,8 @@ class SpoolQueue:
         if state.get("recipients"):  # after a partial send, only those still to get it
             recorded = (recorded[0] if recorded else "", tuple(state["recipients"]))
         return QueuedMessage(id=path.name, data=data, attempts=state.get("attempts", 0),
-                             first_seen=state.get("first_seen", now), envelope=recorded)
+                             first_seen=state.get("first_seen", now), envelope=recorded,
+                             partial=bool(state.get("recipients")))
 
     def _refusal(self, st: os.stat_result) -> str | None:
         if not stat.S_ISREG(st.st_mode):
@@ -316,13 +318,20 @@ class SpoolQueue:
 
     def _forget_deferred(self, path: Path) -> None:
         if path.parent == self.dir("deferred"):
-            Path(f"{path}.state").unlink(missing_ok=True)  # an orphan left by a crash: maintain() prunes it
+            self._schedule(path).unlink(missing_ok=True)  # an orphan left by a crash: maintain() prunes it
             if self._deferred is not None:
                 self._deferred.pop(path.name, None)
 
+    def _schedule(self, deferred: Path) -> Path:
+        """The state file of a deferred message: same name, its own directory, so that no
+        message name can be mistaken for a state file."""
+        return self.dir("schedule") / deferred.name
+
     def _read_state(self, path: Path) -> dict:
+        if path.parent != self.dir("deferred"):
+            return {}
         try:
-            state = json.loads(Path(f"{path}.state").read_bytes())
+            state = json.loads(self._schedule(path).read_bytes())
             return state if isinstance(state, dict) else {}
         except (OSError, ValueError):
             return {}  # no state yet (a crash between move and write): due now, no history

@@ -165,7 +165,8 @@ class SqliteQueue:
         if digest is not None and digest != _digest(data):
             attempts, recipients = 0, None  # the emailid was reused after ours left the queue
         envelope = ("", tuple(json.loads(recipients))) if recipients else None
-        return QueuedMessage(id=emailid, data=data, attempts=attempts, first_seen=first_seen, envelope=envelope)
+        return QueuedMessage(id=emailid, data=data, attempts=attempts, first_seen=first_seen, envelope=envelope,
+                             partial=envelope is not None)
 
     def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None:
         log = (envelope.to_header, envelope.from_address, envelope.subject, envelope.size) if envelope else (None,) * 4

@@ -181,7 +181,8 @@ class SmtpTransport:
             raise _Done(PermanentFailure(f"envelope sender {sender!r}: {problem}"))
         refused: list[tuple[str, str]] = []
         recipients: list[str] = []
-        for address in (*envelope.recipients, *s.always_bcc):
+        extra = () if envelope.remaining else s.always_bcc  # a retry after a partial send: they had it
+        for address in (*envelope.recipients, *extra):
             if "@" not in address and not s.use_short_addr:
                 if not s.default_domain:
                     refused.append((address, "not sent: the address has no domain "
@@ -195,14 +196,14 @@ class SmtpTransport:
                 recipients.append(address)
         if not recipients:
             raise _Done(_settle([], [(a, text, False) for a, text in refused]))
-        wire = _wire_data(data, strip_bcc=not envelope.explicit)
+        wire = _wire_data(data, strip_bcc=True)  # as sendmail -t does; a Bcc: header is never for the eyes of others
         return _Job(sender, recipients, refused, wire, _EIGHT_BIT.search(wire) is not None)
 
     # -- one connection ---------------------------------------------------------------
 
     def _open(self, conn: _Connection) -> None:
         s = self.settings
-        conn.smtp = smtp = smtplib.SMTP(local_hostname=self._helo)
+        conn.smtp = smtp = _Smtp(local_hostname=self._helo)
         smtp._host = s.server  # what smtplib's connect() would record: STARTTLS checks the certificate against it
         conn.stage = "connect"
         sock = socket.create_connection((s.server, s.port), s.connect_timeout)
@@ -518,6 +519,36 @@ class _Keep(_Done):
 
 class _Stale(Exception):
     """A pooled connection turned out dead before this transaction got anywhere."""
+
+
+class _Smtp(smtplib.SMTP):
+    """smtplib.SMTP that takes a reply line cut short by a closed connection for what it is."""
+
+    def getreply(self):
+        lines = []
+        if self.file is None:
+            self.file = self.sock.makefile("rb")
+        while True:
+            try:
+                line = self.file.readline(smtplib._MAXLINE + 1)
+            except OSError as e:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(f"connection lost: {e}")
+            if not line.endswith(b"\n"):  # EOF, maybe in mid-line
+                self.close()
+                raise smtplib.SMTPServerDisconnected("connection closed")
+            if len(line) > smtplib._MAXLINE:
+                self.close()
+                raise smtplib.SMTPResponseException(500, "reply line too long")
+            lines.append(line[4:].strip(b" \t\r\n"))
+            try:
+                code = int(line[:3])
+            except ValueError:
+                code = -1
+                break
+            if line[3:4] != b"-":
+                break
+        return code, b"\n".join(lines)
 
 
 class _Connection:
