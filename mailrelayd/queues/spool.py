@@ -24,6 +24,7 @@ the same file system so that every move is an atomic rename:
 from __future__ import annotations
 
 import fcntl
+import heapq
 import json
 import os
 import stat
@@ -40,6 +41,7 @@ from mailrelayd.queues import QueuedMessage, QueueError
 
 STATE_DIRS = ("deferred", "schedule", "failed", "corrupt", "sent", "tmp")
 RESCAN_DEFERRED = 60.0  # seconds: notice messages other relays (or an admin) deferred
+LIST_BATCH = 4096  # oldest names taken from one listing: memory stays flat however long the backlog
 
 
 @dataclass
@@ -68,9 +70,10 @@ class SpoolQueue:
         self._ready: deque[str] = deque()  # complete new files from the last listing, oldest first
         self._settles_at: float | None = None  # when the next unsettled new file may be taken
         self.log = get_logger(queue=self.name)
+        self._dirs = {sub: self.state / sub for sub in STATE_DIRS}
 
     def dir(self, name: str) -> Path:
-        return self.state / name
+        return self._dirs[name]
 
     # -- opening -----------------------------------------------------------------
 
@@ -218,7 +221,8 @@ class SpoolQueue:
     def _list_ready(self, now: float) -> list[str]:
         """Names in the spool that are complete: closed by their writer, or settled."""
         ready, self._settles_at = [], None
-        names = sorted(n for n in os.listdir(self.spool) if not n.startswith("."))
+        with os.scandir(self.spool) as entries:
+            names = heapq.nsmallest(LIST_BATCH, (e.name for e in entries if not e.name.startswith(".")))
         if len(self._closed) > 10_000:  # names that others took: forget them
             self._closed.intersection_update(names)
         for name in names:
