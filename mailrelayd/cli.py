@@ -26,12 +26,16 @@ EX_USAGE, EX_CONFIG = 64, 78
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):  # name the options, never echo values (a secret?)
+            unknown = [a.split("=", 1)[0] for a in message.split(": ", 1)[1].split() if a.startswith("-")]
+            message = "unknown option " + ", ".join(unknown) if unknown else "unexpected arguments"
         self.exit(EX_USAGE, f"mailrelayd: {message} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailrelayd",
+        allow_abbrev=False,  # else --smtp-password SECRET would be taken for --smtp-password-file
         description="Relay the mail that Fossil queues (in emailqueue.db or a spool directory) to sendmail"
         " (or a Maildir).",
         epilog="`mailrelayd enqueue [sendmail options] RCPT...` (also installed as mailrelayd-sendmail) "
