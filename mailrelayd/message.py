@@ -53,11 +53,7 @@ def read_envelope(data: bytes) -> Envelope:
     if not _FIELD_LINE.match(header):
         raise MalformedMessage("message has no header")
     fields = _fields(header)
-    recipients = tuple(
-        address
-        for _, address in getaddresses([v for name in ("to", "cc", "bcc") for v in fields.get(name, [])])
-        if address.strip()
-    )
+    recipients = tuple(_addresses([v for name in ("to", "cc", "bcc") for v in fields.get(name, [])]))
     if not recipients:
         raise MalformedMessage("message has no recipients in To:, Cc: or Bcc:")
     return _envelope(fields, recipients, len(data))
@@ -78,7 +74,7 @@ def _envelope(fields: dict[str, list[str]], recipients: tuple[str, ...], size: i
         sender=safe_address(_first_address(fields.get("sender", [])) or from_address),
         recipients=recipients,
         from_address=_printable(from_address),
-        to_header=_printable(", ".join(a for _, a in getaddresses(fields.get("to", [])) if a)),
+        to_header=_printable(", ".join(_addresses(fields.get("to", [])))),
         subject=_decoded(fields.get("subject", [""])[0]),
         size=size,
         explicit=explicit,
@@ -131,8 +127,30 @@ def to_lf(data: bytes) -> bytes:
 
 
 def _first_address(values: list[str]) -> str:
-    addresses = [a for _, a in getaddresses(values) if a]
+    addresses = _addresses(values)
     return addresses[0] if addresses else ""
+
+
+# One address of a list as Fossil writes them: `a@x`, `<a@x>`, `Name <a@x>`, `"Name" <a@x>`,
+# with dot-atom local part and domain; anything else goes to the email package.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_PLAIN = rf"{_DOT_ATOM}(?:@{_DOT_ATOM})?"
+_PLAIN_MEMBER = re.compile(rf'\s*(?:"[^"\\,]*"\s*|[^"<>,()\\;:@.]*)<({_PLAIN})>\s*|\s*({_PLAIN})\s*')
+
+
+def _addresses(values: list[str]) -> list[str]:
+    """The addresses in header values: a quick path for plain lists, the email package
+    for anything else (comments, quoted commas, groups)."""
+    found = []
+    for value in values:
+        members = value.split(",")
+        matches = [_PLAIN_MEMBER.fullmatch(m) for m in members if m.strip()]
+        if all(matches):
+            found += [m[1] or m[2] for m in matches]
+        else:
+            found += [a for _, a in getaddresses([value]) if a.strip()]
+    return found
 
 
 def _decoded(value: str) -> str:

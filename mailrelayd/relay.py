@@ -161,7 +161,7 @@ class Relay:
 
     def _loop(self, report: DrainReport, until_idle: bool, watcher: DirectoryWatcher | None = None) -> None:
         inflight: dict[Future, QueuedMessage] = {}
-        capacity = 2 * self.workers
+        capacity = 2 * self.workers  # claimed at once: in flight, or waiting for a worker
         want_claim, backlog = True, False
         rescan_at = None  # time.monotonic() of the scan that follows a wake-up
         drain_started = time.monotonic()
@@ -208,11 +208,25 @@ class Relay:
                     want_claim = True
                     rescan_at = None if until_idle else time.monotonic() + RESCAN_AFTER
                 elif item in inflight:
-                    msg = inflight.pop(item)
-                    if item.cancelled():
-                        self._release([msg])
-                    else:
-                        self._settle(item.result(), report)
+                    finished = [item]
+                    while True:  # record whatever else has finished meanwhile in the same breath
+                        try:
+                            more = self._events.get_nowait()
+                        except stdqueue.Empty:
+                            break
+                        if more is _WAKE:
+                            self._wake_posted, want_claim = False, True
+                            rescan_at = None if until_idle else time.monotonic() + RESCAN_AFTER
+                        elif more in inflight:
+                            finished.append(more)
+                    done = []
+                    for future in finished:
+                        msg = inflight.pop(future)
+                        if future.cancelled():
+                            self._release([msg])
+                        else:
+                            done.append(future.result())
+                    self._settle_all(done, report)
                     want_claim = want_claim or backlog
             for future in list(inflight):
                 if future.cancel():
@@ -278,6 +292,24 @@ class Relay:
 
     # -- recording outcomes (on the relay's thread) -------------------------------
 
+    def _settle_all(self, done: list[_Done], report: DrainReport) -> None:
+        """Record outcomes; all the sent ones in one go (one statement for SQLite)."""
+        sent = [d for d in done if isinstance(d.outcome, Sent)]
+        if len(sent) > 1:
+            try:
+                self.queue.mark_sent([(d.msg, d.envelope) for d in sent], self.clock())
+            except QueueError as e:
+                self.log.error("outcome_not_recorded", emailids=[d.msg.id for d in sent], error=str(e),
+                               will_retry=True)
+                self._unrecorded.extend(sent)
+            else:
+                for d in sent:
+                    report.sent += 1
+                    self.log.info("message_sent", outcome="sent", **self._context(d))
+            done = [d for d in done if not isinstance(d.outcome, Sent)]
+        for d in done:
+            self._settle(d, report)
+
     def _settle(self, done: _Done, report: DrainReport) -> None:
         try:
             self._record(done, report)
@@ -300,17 +332,10 @@ class Relay:
         msg, envelope, outcome = done.msg, done.envelope, done.outcome
         now = self.clock()
         attempt = msg.attempts + 1
-        context = dict(
-            emailid=msg.id,
-            to=",".join(envelope.recipients) if envelope else None,
-            subject=envelope.subject if envelope else None,
-            size=len(msg.data),
-            attempt=attempt,
-            ms=round(done.ms, 1),
-        )
+        context = self._context(done)
         match outcome:
             case Sent():
-                self.queue.mark_sent(msg, envelope, now)
+                self.queue.mark_sent([(msg, envelope)], now)
                 report.sent += 1
                 self.log.info("message_sent", outcome="sent", **context)
             case PermanentFailure(detail=detail):
@@ -330,6 +355,19 @@ class Relay:
                 level("message_deferred", outcome="deferred", reason=detail, retry_in_s=round(delay), **context)
             case PartlySent(accepted=accepted, temporary=temporary, permanent=permanent):
                 self._record_partial(msg, accepted, temporary, permanent, now, report, context)
+
+    @staticmethod
+    def _context(done: _Done) -> dict:
+        """What every log line about one delivery attempt says (never the body)."""
+        envelope = done.envelope
+        return dict(
+            emailid=done.msg.id,
+            to=",".join(envelope.recipients) if envelope else None,
+            subject=envelope.subject if envelope else None,
+            size=len(done.msg.data),
+            attempt=done.msg.attempts + 1,
+            ms=round(done.ms, 1),
+        )
 
     def _record_partial(self, msg, accepted, temporary, permanent, now, report, context) -> None:
         """Some recipients took it: retry only the temporary refusals, report the others."""

@@ -1,7 +1,7 @@
 """Reading envelopes from Fossil-style messages."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailrelayd.message import MalformedMessage, header_block, read_envelope, safe_address, to_lf
@@ -76,3 +76,14 @@ def test_safe_addresses_never_start_with_dash_or_hold_spaces(text):
     address = safe_address(text)
     if address is not None:
         assert not address.startswith("-") and "@" in address and not any(c.isspace() for c in address)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.text(alphabet="ab@.<>\" ,-()", max_size=14), max_size=3))
+def test_quick_address_parsing_agrees_with_the_email_package(values):
+    """The fast path for plain address lists finds exactly what email.utils.getaddresses finds."""
+    from email.utils import getaddresses
+
+    from mailrelayd.message import _addresses
+
+    assert _addresses(values) == [a for v in values for _, a in getaddresses([v]) if a.strip()]

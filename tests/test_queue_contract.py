@@ -40,7 +40,7 @@ class TestQueueContract:
         queue_harness.enqueue(fossil_message())
         queue = queue_harness.open_queue()
         [msg] = queue.claim(NOW, 10)
-        queue.mark_sent(msg, None, NOW)
+        queue.mark_sent([(msg, None)], NOW)
         assert queue_harness.queued() == 0 and queue.claim(NOW, 10) == []
 
     def test_released_message_can_be_claimed_again(self, queue_harness):

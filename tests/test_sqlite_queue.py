@@ -34,7 +34,7 @@ def test_sent_message_gets_a_sentlog_row(tmp_path):
     harness.enqueue(data)
     queue = harness.open_queue()
     [msg] = queue.claim(NOW, 1)
-    queue.mark_sent(msg, read_envelope(data), NOW)
+    queue.mark_sent([(msg, read_envelope(data))], NOW)
     with sqlite3.connect(harness.path) as conn:
         rows = conn.execute("SELECT mtime, xto, xfrom, xsubject, xsize FROM sentlog").fetchall()
     assert rows == [(int(NOW), "bob@example.com", "noreply@example.org", "Hi", len(data))]
@@ -125,3 +125,16 @@ def test_claim_of_a_live_process_is_kept_until_its_lease_ends(tmp_path):
     other = harness.open_queue()
     assert other.claim(NOW + 59, 10) == []
     assert len(other.claim(NOW + 60, 10)) == 1
+
+
+def test_many_sent_messages_are_recorded_in_one_statement(tmp_path):
+    """Several sent messages leave the queue together, each with its sentlog row."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    for i in range(5):
+        harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    queue = harness.open_queue()
+    claimed = queue.claim(NOW, 10)
+    queue.mark_sent([(m, read_envelope(m.data)) for m in claimed], NOW)
+    with sqlite3.connect(harness.path) as conn:
+        assert conn.execute("SELECT count(*) FROM email").fetchone()[0] == 0
+        assert sorted(r[0] for r in conn.execute("SELECT xto FROM sentlog")) == [f"u{i}@example.com" for i in range(5)]

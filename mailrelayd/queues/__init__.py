@@ -60,7 +60,9 @@ class Queue(Protocol):
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]: ...
 
-    def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None: ...
+    def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
+        """The mail system took these: they leave the queue (together, when the queue can)."""
+        ...
 
     def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float,
               recipients: tuple[str, ...] | None = None) -> None:

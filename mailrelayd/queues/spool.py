@@ -135,7 +135,11 @@ class SpoolQueue:
             raise QueueError(f"{self.spool}: {e.strerror or e}") from None
         return claimed
 
-    def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None:
+    def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
+        for msg, _ in sent:
+            self._mark_one_sent(msg, now)
+
+    def _mark_one_sent(self, msg: QueuedMessage, now: float) -> None:
         held = self._held.pop(str(msg.id))
         with self._finishing(held):
             if self.keep_sent:

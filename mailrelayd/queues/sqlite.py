@@ -168,10 +168,16 @@ class SqliteQueue:
         return QueuedMessage(id=emailid, data=data, attempts=attempts, first_seen=first_seen, envelope=envelope,
                              partial=envelope is not None)
 
-    def mark_sent(self, msg: QueuedMessage, envelope: Envelope | None, now: float) -> None:
-        log = (envelope.to_header, envelope.from_address, envelope.subject, envelope.size) if envelope else (None,) * 4
+    def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
+        rows = [
+            (msg.id, int(now), *((e.to_header, e.from_address, e.subject, e.size) if e else (None,) * 4))
+            for msg, e in sent
+        ]
         with self._errors():
-            self._db.execute("INSERT INTO mailrelayd_sent VALUES (?, ?, ?, ?, ?, ?)", (msg.id, int(now), *log))
+            for start in range(0, len(rows), 1000):  # one statement: one short write lock for all
+                chunk = rows[start:start + 1000]
+                self._db.execute("INSERT INTO mailrelayd_sent VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                                 [value for row in chunk for value in row])
 
     def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float,
               recipients: tuple[str, ...] | None = None) -> None:
