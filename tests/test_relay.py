@@ -2,7 +2,6 @@
 
 import random
 
-from mailrelayd.outcome import PartlySent, Sent
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.maildir import MaildirTransport
 from conftest import fossil_message
@@ -129,44 +128,3 @@ def test_maildir_transport_writes_each_message_into_new(queue_harness, tmp_path,
     [written] = (tmp_path / "Maildir" / "new").iterdir()
     assert written.read_bytes() == data.replace(b"\r\n", b"\n")
     assert list((tmp_path / "Maildir" / "tmp").iterdir()) == []
-
-
-class PartialTransport:
-    """A transport whose server takes the message for some recipients only, as SMTP may answer."""
-
-    def __init__(self, temporary=(), permanent=()):
-        self.temporary, self.permanent, self.calls = set(temporary), set(permanent), []
-
-    def deliver(self, data, envelope):
-        self.calls.append(envelope.recipients)
-        refused_t = [(r, "451 4.3.0 try later") for r in envelope.recipients if r in self.temporary]
-        refused_p = [(r, "550 5.1.1 no such user") for r in envelope.recipients if r in self.permanent]
-        accepted = tuple(r for r in envelope.recipients if r not in self.temporary | self.permanent)
-        if not refused_t and not refused_p:
-            return Sent("250 ok")
-        return PartlySent(accepted, tuple(refused_t), tuple(refused_p))
-
-    def close(self):
-        pass
-
-
-def test_partly_sent_message_is_retried_only_for_refused_recipients(queue_harness, clock):
-    """After a partial send, the next try goes only to the recipients that were refused for now."""
-    queue_harness.enqueue(fossil_message(to="a@x.org, b@x.org, c@x.org"))
-    transport = PartialTransport(temporary={"b@x.org"})
-    relay = Relay(queue_harness.open_queue(), transport, clock=clock)
-    assert relay.drain().deferred == 1
-    transport.temporary.clear()
-    clock.advance(400)
-    assert relay.drain().sent == 1
-    assert transport.calls == [("a@x.org", "b@x.org", "c@x.org"), ("b@x.org",)]
-
-
-def test_permanently_refused_recipients_are_kept_with_the_message(queue_harness, clock):
-    """Recipients refused for good are reported in the set-aside record; the others got it once."""
-    queue_harness.enqueue(fossil_message(to="a@x.org, gone@x.org"))
-    transport = PartialTransport(permanent={"gone@x.org"})
-    report = Relay(queue_harness.open_queue(), transport, clock=clock).drain()
-    assert report.failed == 1 and transport.calls == [("a@x.org", "gone@x.org")]
-    [(reason, _)] = queue_harness.failed()
-    assert "gone@x.org: 550 5.1.1 no such user" in reason and "delivered to 1 other recipient" in reason
