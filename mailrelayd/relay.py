@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue as stdqueue
 import random
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor

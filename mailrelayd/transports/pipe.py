@@ -14,17 +14,13 @@ of a delivery past its deadline, rather than by polling each child.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import re
 import signal
 import subprocess
 import tempfile
-import threading
-import time
-from contextlib import contextmanager
 
+from mailrelayd.deadlines import Deadlines
 from mailrelayd.message import Envelope, to_lf
 from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
 
@@ -54,7 +50,7 @@ class PipeTransport:
         self.command = command
         self.timeout = timeout
         self.permanent_exit_codes = permanent_exit_codes
-        self._deadlines = _Deadlines()
+        self._deadlines = Deadlines("pipe-deadlines")
 
     def deliver(self, data: bytes, envelope: Envelope) -> Outcome:
         argv = [*self.command, *(["-f", envelope.sender] if envelope.sender else [])]
@@ -69,7 +65,7 @@ class PipeTransport:
                 proc = subprocess.Popen(argv, stdin=message, stdout=output, stderr=output, start_new_session=True)
             except OSError as e:
                 return TemporaryFailure(f"cannot run {argv[0]}: {e.strerror or e}", setup_error=True)
-            with proc, self._deadlines.watch(proc.pid, self.timeout) as watch:
+            with proc, self._deadlines.watch(self.timeout, lambda: _kill_group(proc.pid)) as watch:
                 proc.wait()
             if watch.fired and proc.returncode != 0:
                 return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed")
@@ -91,68 +87,11 @@ class PipeTransport:
         self._deadlines.stop()
 
 
-class _Watch:
-    __slots__ = ("deadline", "pgid", "fired")
-
-    def __init__(self, deadline: float, pgid: int):
-        self.deadline, self.pgid, self.fired = deadline, pgid, False
-
-
-class _Deadlines:
-    """One thread that SIGKILLs the process group of each delivery that outlives its deadline."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Watch]] = []
-        self._order = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._wakes_at = float("inf")  # when the thread will next look at the heap by itself
-
-    @contextmanager
-    def watch(self, pgid: int, seconds: float):
-        entry = _Watch(time.monotonic() + seconds, pgid)
-        with self._cond:
-            while self._heap and self._heap[0][2].pgid == 0:  # finished deliveries
-                heapq.heappop(self._heap)
-            heapq.heappush(self._heap, (entry.deadline, next(self._order), entry))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
-                self._thread.start()
-            if entry.deadline < self._wakes_at:
-                self._cond.notify()
-        try:
-            yield entry
-        finally:
-            with self._cond:
-                entry.pgid = 0  # done: never signal it (its process group id may be reused)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                while self._heap and self._heap[0][2].pgid == 0:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._wakes_at = float("inf")
-                    self._cond.wait()
-                    continue
-                deadline, _, entry = self._heap[0]
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._wakes_at = deadline
-                    self._cond.wait(remaining)
-                    continue
-                heapq.heappop(self._heap)
-                try:
-                    os.killpg(entry.pgid, signal.SIGKILL)
-                    entry.fired = True
-                except ProcessLookupError:
-                    pass
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _without_header_recipients(argv: list[str]) -> list[str]:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import heapq
-import itertools
 import re
 import select
 import smtplib
@@ -29,9 +27,9 @@ import socket
 import ssl
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
+from mailrelayd.deadlines import Deadlines
 from mailrelayd.message import Envelope
 from mailrelayd.outcome import Outcome, PartlySent, PermanentFailure, Sent, TemporaryFailure
 
@@ -112,7 +110,7 @@ class SmtpTransport:
                 setup_error=True,
             )
         self._pool = _Pool(s.max_connections, s.idle_timeout)
-        self._watchdog = _Watchdog()
+        self._watchdog = Deadlines("smtp-deadlines")
 
     # -- the Transport interface ----------------------------------------------------
 
@@ -143,7 +141,7 @@ class SmtpTransport:
                 continue
             reused = conn is not None
             conn = conn or _Connection()
-            with self._watchdog.watch(conn, self.settings.message_timeout) as watch:
+            with self._watchdog.watch(self.settings.message_timeout, conn.shut) as watch:
                 try:
                     if not reused:
                         self._open(conn)
@@ -671,65 +669,3 @@ class _Pool:
                 self._cond.notify_all()
             for conn in expired:
                 conn.close(quit=True)
-
-
-class _Watch:
-    __slots__ = ("conn", "fired")
-
-    def __init__(self, conn: _Connection | None):
-        self.conn, self.fired = conn, False
-
-
-class _Watchdog:
-    """One thread that shuts the socket of each delivery that outlives message_timeout."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Watch]] = []
-        self._order = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._wakes_at = float("inf")
-
-    @contextmanager
-    def watch(self, conn: _Connection, seconds: float):
-        entry = _Watch(conn)
-        deadline = time.monotonic() + seconds
-        with self._cond:
-            while self._heap and self._heap[0][2].conn is None:
-                heapq.heappop(self._heap)
-            heapq.heappush(self._heap, (deadline, next(self._order), entry))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="smtp-watchdog", daemon=True)
-                self._thread.start()
-            if deadline < self._wakes_at:
-                self._cond.notify()
-        try:
-            yield entry
-        finally:
-            with self._cond:
-                entry.conn = None
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                while self._heap and self._heap[0][2].conn is None:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._wakes_at = float("inf")
-                    self._cond.wait()
-                    continue
-                deadline, _, entry = self._heap[0]
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._wakes_at = deadline
-                    self._cond.wait(remaining)
-                    continue
-                heapq.heappop(self._heap)
-                entry.fired = True
-                entry.conn.shut()
