@@ -22,6 +22,7 @@ from mailrelayd.transports.pipe import PipeTransport
 from mailrelayd.transports.smtp import SmtpSettings, SmtpSettingsError, SmtpTransport
 
 EX_USAGE, EX_CONFIG = 64, 78
+ADMIN_COMMANDS = ("status", "list", "show", "retry", "purge")  # mailrelayd/admin.py
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Relay the mail that Fossil queues (in emailqueue.db or a spool directory) to sendmail"
         " (or a Maildir).",
         epilog="`mailrelayd enqueue [sendmail options] RCPT...` (also installed as mailrelayd-sendmail) "
-        "queues a message into a spool instead. "
+        "queues a message into a spool instead. `mailrelayd status|list|show|retry|purge` look after the "
+        "queue (each has --help). "
         "Every option is also a key of the TOML config file, with _ for -; flags win over the file. "
         "Durations take s, m, h or d (300, 5m, 1h, 5d). Drain exit status: 0 all sent, 75 some deferred, "
         "65 some set aside as failed, 66 queue unreadable, 78 bad configuration.",
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailrelayd import inject
 
         return inject.main(argv[1:])
+    if argv[:1] and argv[0] in ADMIN_COMMANDS:  # status, list, show, retry, purge
+        from mailrelayd import admin
+
+        return admin.main(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = load(args)
