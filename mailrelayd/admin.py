@@ -514,9 +514,12 @@ def _add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def main(command: str, argv: list[str]) -> int:
+    from mailrelayd import admin_setup
     from mailrelayd.cli import _parser, load, make_queue
     from mailrelayd.config import ConfigError
 
+    if command in admin_setup.COMMANDS:  # check-config, test-message
+        return admin_setup.main(command, argv)
     # Output piped into `head` and closed: end quietly, as Unix tools do (each retry or
     # purge step is complete in itself, so stopping between two is safe).
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)

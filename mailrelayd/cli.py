@@ -22,7 +22,8 @@ from mailrelayd.transports.pipe import PipeTransport
 from mailrelayd.transports.smtp import SmtpSettings, SmtpSettingsError, SmtpTransport
 
 EX_USAGE, EX_CONFIG = 64, 78
-ADMIN_COMMANDS = ("status", "list", "show", "retry", "purge")  # mailrelayd/admin.py
+ADMIN_COMMANDS = ("status", "list", "show", "retry", "purge",  # mailrelayd/admin.py
+                  "check-config", "test-message")  # mailrelayd/admin_setup.py
 
 
 class _Parser(argparse.ArgumentParser):
