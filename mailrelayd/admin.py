@@ -515,25 +515,18 @@ def _add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def main(command: str, argv: list[str]) -> int:
     from mailrelayd import admin_setup
-    from mailrelayd.cli import _parser, load, make_queue
-    from mailrelayd.config import ConfigError
+    from mailrelayd.cli import command_config, make_queue
 
     if command in admin_setup.COMMANDS:  # check-config, test-message
         return admin_setup.main(command, argv)
     # Output piped into `head` and closed: end quietly, as Unix tools do (each retry or
     # purge step is complete in itself, so stopping between two is safe).
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    parser = _parser()
-    parser.prog = f"mailrelayd {command}"
-    parser.description = (_HELP[command])
-    parser.epilog = "Exit status: 0 done, 1 no such message, 64 bad command line, 66 queue unreadable, 78 bad configuration."
-    _add_arguments(command, parser)
-    args = parser.parse_args(argv)
-    try:
-        config = load(args)
-    except ConfigError as e:
-        print(f"mailrelayd: {e}", file=sys.stderr)
-        return EX_CONFIG
+    loaded = command_config(command, argv, _HELP[command], "Exit status: 0 done, 1 no such message, 64 bad"
+                            " command line, 66 queue unreadable, 78 bad configuration.", _add_arguments)
+    if isinstance(loaded, int):
+        return loaded
+    args, config = loaded
     queue = make_queue(config)
     try:
         queue.open()

@@ -314,19 +314,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def main(command: str, argv: list[str]) -> int:
-    from mailrelayd.cli import _parser, load
+    from mailrelayd.cli import command_config
 
-    parser = _parser()
-    parser.prog = f"mailrelayd {command}"
-    parser.description = _HELP[command]
-    parser.epilog = _EPILOG[command]
-    add_arguments(command, parser)
-    args = parser.parse_args(argv)
-    try:
-        config = load(args)
-    except ConfigError as e:
-        print(f"mailrelayd: {e}", file=sys.stderr)
-        return EX_CONFIG
+    loaded = command_config(command, argv, _HELP[command], _EPILOG[command], add_arguments)
+    if isinstance(loaded, int):
+        return loaded
+    args, config = loaded
     return check_config(config, args) if command == "check-config" else test_message(config, args)
 
 

@@ -68,6 +68,21 @@ def load(args: argparse.Namespace) -> Config:
     return build(file_values, flags, source=str(path))
 
 
+def command_config(command: str, argv: list[str], description: str, epilog: str,
+                   add_arguments) -> tuple[argparse.Namespace, Config] | int:
+    """Parse an admin command's arguments (the daemon's queue and config options plus its
+    own) and load the configuration; an int is the exit status of a bad configuration."""
+    parser = _parser()
+    parser.prog, parser.description, parser.epilog = f"mailrelayd {command}", description, epilog
+    add_arguments(command, parser)
+    args = parser.parse_args(argv)
+    try:
+        return args, load(args)
+    except ConfigError as e:
+        print(f"mailrelayd: {e}", file=sys.stderr)
+        return EX_CONFIG
+
+
 def make_queue(config: Config) -> Queue:
     if config.spool:
         return SpoolQueue(config.spool, config.state_dir, settle=config.settle, max_size=config.max_size,
