@@ -409,10 +409,15 @@ def main() -> int:
             fail.append(f"latency: daemon exit status on SIGTERM was {lat['rc']}, not 0")
 
     print(f"\nTargets: throughput >= spawn rate; p99 < 100 ms; {mode.targets}; RSS flat.")
+    return verdict(fail, tmp, args.keep)
+
+
+def verdict(fail: list[str], tmp: Path, keep: bool) -> int:
+    """Print each missed target (or PASS), remove the temp dir unless kept; the exit status."""
     for f in fail:
         print(f"FAIL: {f}")
     print("PASS: all targets met" if not fail else f"{len(fail)} target(s) missed")
-    if args.keep:
+    if keep:
         print(f"kept: {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)

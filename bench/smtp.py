@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import ENV, ROOT, counts, fresh_db, message, sent_stamps, steady_rate
+from bench import ENV, ROOT, counts, fresh_db, message, sent_stamps, steady_rate, verdict
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "noreply@example.org"
@@ -169,11 +169,4 @@ def main(args) -> int:
         fail.append(f"mailrelayd {r['rate']:,.0f} msg/s < {MSMTP_TARGET:g}x the msmtp pipe ({pipe:,.0f} msg/s)")
     print(f"\nTargets: mailrelayd >= the smtplib loop; >= {MSMTP_TARGET:g}x the msmtp -t pipe; queue empty, "
           "sentlog = messages.")
-    for f in fail:
-        print(f"FAIL: {f}")
-    print("PASS: all targets met" if not fail else f"{len(fail)} target(s) missed")
-    if args.keep:
-        print(f"kept: {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if fail else 0
+    return verdict(fail, tmp, args.keep)

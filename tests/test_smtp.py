@@ -136,19 +136,24 @@ class Server:
             return f"250 2.0.0 Ok: queued as Q{len(self.mails)}"
 
 
-@pytest.fixture
-def serve():
-    """serve(**Server fields) -> a started Server; all stopped at teardown."""
+def running_servers(kind=Server):
+    """For a fixture: yields start(**fields) -> a started `kind`; stops them all afterwards."""
     started = []
 
-    def start(**kwargs) -> Server:
-        server = Server(**kwargs).start()
+    def start(**kwargs):
+        server = kind(**kwargs).start()
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def serve():
+    """serve(**Server fields) -> a started Server; all stopped at teardown."""
+    yield from running_servers(Server)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_cli
 from mta import crlf, fossil_repo  # noqa: F401  (fixtures are used by name)
-from test_smtp import PASSWORD, Server, ca, ca_file, server_tls  # noqa: F401
+from test_smtp import PASSWORD, Server, ca, ca_file, running_servers, server_tls  # noqa: F401
 from test_spool_e2e import fossil_spool  # noqa: F401
 
 from aiosmtpd.smtp import AuthResult  # noqa: E402  (test_smtp skips the module without it)
@@ -49,16 +49,7 @@ class AuthServer(Server):
 @pytest.fixture
 def smtp_server():
     """smtp_server(**Server fields) -> a started AuthServer on 127.0.0.1; all stopped at teardown."""
-    started = []
-
-    def start(**kwargs) -> AuthServer:
-        server = AuthServer(**kwargs).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    yield from running_servers(AuthServer)
 
 
 @pytest.fixture
