@@ -13,7 +13,6 @@ row in `mailrelayd_failed` (the emailid it had may be reused by a new message).
 from __future__ import annotations
 
 import argparse
-import email.utils
 import json
 import os
 import signal
@@ -26,9 +25,10 @@ from pathlib import Path
 from mailrelayd.files import free_name, fsync_dir, write_durably
 from mailrelayd.inject import split_envelope
 from mailrelayd.message import MalformedMessage, header_block, read_envelope
+from mailrelayd.queuelock import holder_pid
 from mailrelayd.queues import QueueError
 from mailrelayd.queues.spool import SpoolQueue
-from mailrelayd.queues.sqlite import SqliteQueue
+from mailrelayd.queues.sqlite import SqliteQueue, date_header
 
 COMMANDS = ("status", "list", "show", "retry", "purge")
 EX_NOINPUT, EX_USAGE, EX_CONFIG = 66, 64, 78
@@ -74,18 +74,6 @@ class Entry:
 # -- the two queue kinds ---------------------------------------------------------------
 
 
-def _date_header(data: bytes) -> float | None:
-    """The message's Date: as unix time, if it has a plausible one (not in the future)."""
-    for line in header_block(data).decode("utf-8", "replace").splitlines():
-        if line.lower().startswith("date:"):
-            try:
-                when = email.utils.parsedate_to_datetime(line[5:].strip()).timestamp()
-            except (TypeError, ValueError, IndexError, OverflowError):
-                return None
-            return when if when <= time.time() else None
-    return None
-
-
 class SqliteAdmin:
     def __init__(self, queue: SqliteQueue):
         self.queue = queue
@@ -107,7 +95,7 @@ class SqliteAdmin:
                 if state not in states:
                     continue
                 if first_seen is None:
-                    first_seen = _date_header(data) or file_mtime
+                    first_seen = date_header(data, now) or file_mtime
                 found.append(Entry(str(emailid), state, data, attempts or 0, first_seen, last_try, next_try, error,
                                    recipients=tuple(json.loads(recipients)) if recipients else None))
         if "failed" in states:
@@ -126,9 +114,6 @@ class SqliteAdmin:
             if entry.id.lower() == ident.lower():
                 return entry
         return None
-
-    def sent_since(self, since: float) -> int | None:
-        return self.db.execute("SELECT count(*) FROM sentlog WHERE mtime >= ?", (since,)).fetchone()[0]
 
     def make_due(self, ids: list[str] | None, now: float) -> list[str]:
         """Deferred messages (these, or all) due now: one UPDATE. Returns their ids."""
@@ -271,12 +256,6 @@ class SpoolAdmin:
                 return entry
         return None
 
-    def sent_since(self, since: float) -> int | None:
-        if not self.queue.keep_sent:
-            return None
-        sent = self.queue.dir("sent")
-        return sum(1 for n in os.listdir(sent) if os.lstat(sent / n).st_mtime >= since)
-
     def make_due(self, ids: list[str] | None, now: float) -> list[str]:
         """Rewrite each deferred message's schedule with next_try = now (atomically)."""
         q, done = self.queue, []
@@ -369,22 +348,65 @@ def _one_line(text: str | None, limit: int = 200) -> str:
 
 
 def status(admin, args, now: float) -> int:
-    todo = admin.entries({"new", "deferred"}, now)
-    deferred = [e for e in todo if e.state == "deferred"]
-    oldest = min((e.first_seen for e in todo if e.first_seen is not None), default=None)
-    report = {
-        "queue": os.path.abspath(admin.name),
-        "queued": len(todo) - len(deferred),
-        "deferred": len(deferred),
-        "failed": len(admin.entries({"failed"}, now)),
-        "sent_24h": admin.sent_since(now - 86400),
-        "oldest_queued_s": None if oldest is None else round(max(0.0, now - oldest), 1),
-        "relay_pid": None,  # the single-daemon lock that will tell is not there yet
-    }
+    report = _status_report(admin.queue, now)
     if args.json:
         print(json.dumps(report))
-        return 0
-    next_try = min((e.next_try for e in deferred), default=None)
+    else:
+        _print_status(report, now)
+    return 0
+
+
+def status_all(queues: list, args, now: float) -> int:
+    """`status` of several queues ([[queue]] tables, or a glob): each queue's report under
+    `queues`, and the totals. Exit 66 if any queue could not be read (the others are shown)."""
+    from mailrelayd.cli import make_queue
+
+    reports, unreadable = [], False
+    for config in queues:
+        queue = make_queue(config)
+        try:
+            queue.open()
+            reports.append(_status_report(queue, now))
+        except (QueueError, sqlite3.Error, OSError) as e:
+            print(f"mailrelayd: {_error_text(e, queue.name)}", file=sys.stderr)
+            unreadable = True
+        finally:
+            queue.close()
+    sent = [r["sent_24h"] for r in reports if r["sent_24h"] is not None]
+    totals = {
+        **{key: sum(r[key] for r in reports) for key in ("queued", "deferred", "failed")},
+        "sent_24h": sum(sent) if sent else None,
+        "oldest_queued_s": max((r["oldest_queued_s"] for r in reports if r["oldest_queued_s"] is not None),
+                               default=None),
+        "next_try": min((r["next_try"] for r in reports if r["next_try"] is not None), default=None),
+        "queues": reports,
+    }
+    if args.json:
+        print(json.dumps(totals))
+    else:
+        for report in reports:
+            _print_status(report, now)
+            print()
+        _print_status({"queue": f"total of {len(reports)} queues", **totals}, now)
+    return EX_NOINPUT if unreadable else 0
+
+
+def _status_report(queue, now: float) -> dict:
+    stats = queue.stats(now)
+    return {
+        "queue": os.path.abspath(queue.name),
+        "queued": stats.queued,
+        "deferred": stats.deferred,
+        "failed": stats.failed,
+        "sent_24h": stats.sent_24h,
+        "oldest_queued_s": None if stats.oldest_queued_s is None else round(stats.oldest_queued_s, 1),
+        "relay_pid": holder_pid(queue.lock_path),
+        "next_try": stats.next_try,
+    }
+
+
+def _print_status(report: dict, now: float) -> None:
+    next_try = report["next_try"]
     rows = [
         ("queue", report["queue"]),
         ("queued", str(report["queued"])),
@@ -393,11 +415,11 @@ def status(admin, args, now: float) -> int:
         ("failed", str(report["failed"])),
         ("sent_24h", "not kept (keep_sent is off)" if report["sent_24h"] is None else str(report["sent_24h"])),
         ("oldest_queued", _age(report["oldest_queued_s"])),
-        ("relay_pid", "unknown"),
     ]
+    if "relay_pid" in report:
+        rows.append(("relay_pid", "none" if report["relay_pid"] is None else str(report["relay_pid"])))
     for key, value in rows:
         print(f"{key:<14} {value}")
-    return 0
 
 
 def list_(admin, args, now: float) -> int:
@@ -516,6 +538,7 @@ def _add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 def main(command: str, argv: list[str]) -> int:
     from mailrelayd import admin_setup
     from mailrelayd.cli import command_config, make_queue
+    from mailrelayd.config import expand, is_glob
 
     if command in admin_setup.COMMANDS:  # check-config, test-message
         return admin_setup.main(command, argv)
@@ -527,22 +550,29 @@ def main(command: str, argv: list[str]) -> int:
     if isinstance(loaded, int):
         return loaded
     args, config = loaded
+    if config.queues or is_glob(config.queue_path):
+        if command == "status":
+            return status_all(expand(config), args, time.time())
+        print(f"mailrelayd: {command} works on one queue: name it with --db or --spool", file=sys.stderr)
+        return EX_USAGE
     queue = make_queue(config)
     try:
         queue.open()
         admin = SpoolAdmin(queue) if isinstance(queue, SpoolQueue) else SqliteAdmin(queue)
         return _COMMANDS[command](admin, args, time.time())
-    except QueueError as e:
-        print(f"mailrelayd: {e}", file=sys.stderr)
-        return EX_NOINPUT
-    except sqlite3.Error as e:
-        print(f"mailrelayd: {queue.name}: {e}", file=sys.stderr)
-        return EX_NOINPUT
-    except OSError as e:
-        print(f"mailrelayd: {e.filename or queue.name}: {e.strerror or e}", file=sys.stderr)
+    except (QueueError, sqlite3.Error, OSError) as e:
+        print(f"mailrelayd: {_error_text(e, queue.name)}", file=sys.stderr)
         return EX_NOINPUT
     finally:
         queue.close()
+
+
+def _error_text(e: Exception, name: str) -> str:
+    if isinstance(e, QueueError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename or name}: {e.strerror or e}"
+    return f"{name}: {e}"
 
 
 _COMMANDS = {"status": status, "list": list_, "show": show, "retry": retry, "purge": purge}

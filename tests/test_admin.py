@@ -3,9 +3,11 @@
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 
-from conftest import fossil_message, run_cli
+from conftest import ROOT, fossil_message, run_cli
 
 
 def drain(harness, fake_sendmail, status=0):
@@ -41,13 +43,14 @@ def test_status_json_schema(queue_harness):
     """`status --json` prints exactly the documented keys with the documented types."""
     queue_harness.enqueue(fossil_message())
     report = status_json(queue_harness)
-    assert set(report) == {"queue", "queued", "deferred", "failed", "sent_24h", "oldest_queued_s", "relay_pid"}
+    assert set(report) == {"queue", "queued", "deferred", "failed", "sent_24h", "oldest_queued_s", "relay_pid",
+                           "next_try"}
     assert isinstance(report["queue"], str) and os.path.isabs(report["queue"])
     for key in ("queued", "deferred", "failed"):
         assert type(report[key]) is int
     assert report["sent_24h"] is None or type(report["sent_24h"]) is int
     assert type(report["oldest_queued_s"]) in (int, float)
-    assert report["relay_pid"] is None
+    assert report["relay_pid"] is None and report["next_try"] is None
 
 
 def test_status_counts_new_deferred_and_failed(queue_harness, fake_sendmail):
@@ -88,6 +91,49 @@ def test_status_human_table(queue_harness, fake_sendmail):
     out = admin(queue_harness, "status").stdout
     assert out.splitlines()[0].split()[0] == "queue"
     assert "next try" in out and "deferred       1" in out
+
+
+def test_status_json_names_next_try(queue_harness, fake_sendmail):
+    """`status --json` gives the deferred message's next try as unix time, in the future."""
+    make_deferred(queue_harness, fake_sendmail)
+    next_try = status_json(queue_harness)["next_try"]
+    assert type(next_try) is float and next_try > time.time()
+
+
+HOLD_LOCK = """
+import os, sys
+from pathlib import Path
+from mailrelayd.queuelock import QueueLock
+assert QueueLock(Path(sys.argv[1])).acquire() is None
+print(os.getpid(), flush=True)
+sys.stdin.read()
+"""
+
+
+def queue_lock_path(harness):
+    """Where the documented lock file is: beside the database file or the spool directory."""
+    return harness.path.with_name(harness.path.name + ".mailrelayd.lock")
+
+
+def test_status_names_the_relay_holding_the_lock(queue_harness):
+    """relay_pid is the pid of the process holding the queue's lock file."""
+    queue_harness.enqueue(fossil_message())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(queue_lock_path(queue_harness))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        pid = int(holder.stdout.readline())
+        assert status_json(queue_harness)["relay_pid"] == pid
+        assert f"relay_pid      {pid}\n" in admin(queue_harness, "status").stdout
+    finally:
+        holder.communicate("")
+    assert status_json(queue_harness)["relay_pid"] is None
+
+
+def test_status_says_none_without_a_relay(queue_harness):
+    """Without a relay holding the lock, the table says relay_pid none."""
+    queue_harness.enqueue(fossil_message())
+    assert "relay_pid      none\n" in admin(queue_harness, "status").stdout
 
 
 def test_status_of_missing_queue_exits_66(tmp_path):

@@ -5,6 +5,10 @@ delivered by this process (skipping what another process holds) and returns them
 exactly one of `mark_sent`, `defer` or `set_aside` then records what happened, or
 `release` hands an unstarted claim back. Nothing leaves a queue on claim. A queue knows
 nothing of transports. Methods are called from one thread only.
+
+`stats` counts what waits, cheaply enough for a daemon to call every few seconds; `add`
+queues a message of the relay's own (a failure notice to the administrator); `lock_path`
+names the file whose lock marks the one relay serving the queue (see mailrelayd.queuelock).
 """
 
 from __future__ import annotations
@@ -47,9 +51,28 @@ class QueuedMessage:
     partial: bool = False
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    """What a queue holds now: counts, and times as unix time or ages in seconds.
+
+    `queued`: due or new (not failed); `deferred`: waiting for a later try; `failed`: set
+    aside; `sent_24h`: sent in the last day, None when the queue keeps no record of it;
+    `oldest_queued_s`: age of the oldest message still to send (queued or deferred);
+    `next_try`: the earliest next try of the deferred ones.
+    """
+
+    queued: int
+    deferred: int
+    failed: int
+    sent_24h: int | None
+    oldest_queued_s: float | None
+    next_try: float | None
+
+
 class Queue(Protocol):
     name: str
     watch_dir: Path
+    lock_path: Path  # the single-relay lock file (computed, never created by the queue)
 
     def open(self) -> None: ...
 
@@ -59,6 +82,14 @@ class Queue(Protocol):
         ...
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]: ...
+
+    def add(self, data: bytes, now: float) -> str:
+        """Queue one complete message of our own durably, due at once; return its id."""
+        ...
+
+    def stats(self, now: float) -> QueueStats:
+        """Count the queue without reading bodies or taking the write lock."""
+        ...
 
     def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
         """The mail system took these: they leave the queue (together, when the queue can)."""

@@ -19,6 +19,9 @@ the same file system so that every move is an atomic rename:
     STATE/corrupt/NAME, NAME.reason   refused as unsafe or unreadable, with the reason
     STATE/sent/NAME                   sent, kept with keep_sent until sentlog_retention
     STATE/tmp/                        state files being written
+
+Messages of the relay's own (`add`) are written straight into STATE/deferred, due at once:
+they are trusted, so neither settle nor spool_owner applies to them.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailrelayd.files import free_name, fsync_dir, write_durably
-from mailrelayd.inject import split_envelope
+from mailrelayd.inject import spool_file_name, split_envelope
 from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope
-from mailrelayd.queues import QueuedMessage, QueueError
+from mailrelayd.queues import QueuedMessage, QueueError, QueueStats
 
 STATE_DIRS = ("deferred", "schedule", "failed", "corrupt", "sent", "tmp")
 RESCAN_DEFERRED = 60.0  # seconds: notice messages other relays (or an admin) deferred
 LIST_BATCH = 4096  # oldest names taken from one listing: memory stays flat however long the backlog
+OLDEST_PROBE = 64  # new files whose age stats() looks at: those with the smallest names
 
 
 @dataclass
@@ -57,6 +61,7 @@ class SpoolQueue:
         self.spool = spool = spool.absolute()
         self.state = (state or spool.with_name(spool.name + ".mailrelayd")).absolute()
         self.name = str(spool)
+        self.lock_path = spool.with_name(spool.name + ".mailrelayd.lock")
         self.watch_dir = spool
         self.settle = settle
         self.max_size = max_size
@@ -65,7 +70,7 @@ class SpoolQueue:
         self.sentlog_retention = sentlog_retention
         self._closed: set[str] = set()  # names whose writer has closed them (watcher's thread)
         self._held: dict[str, _Held] = {}
-        self._deferred: dict[str, float] | None = None  # name -> next try, as last scanned
+        self._deferred: dict[str, tuple[float, float]] | None = None  # name -> (next try, first seen)
         self._deferred_scanned = float("-inf")
         self._ready: deque[str] = deque()  # complete new files from the last listing, oldest first
         self._settles_at: float | None = None  # when the next unsettled new file may be taken
@@ -135,6 +140,51 @@ class SpoolQueue:
             raise QueueError(f"{self.spool}: {e.strerror or e}") from None
         return claimed
 
+    def add(self, data: bytes, now: float) -> str:
+        """Write a message of the relay's own into deferred/, with a schedule due now (first
+        the message, so that a crash leaves at worst a message with no history, due now)."""
+        try:
+            path = free_name(self.dir("deferred"), spool_file_name())
+            write_durably(path, data, self.dir("tmp"))
+            state = {"attempts": 0, "first_seen": now, "next_try": now, "last_try": None, "last_error": None}
+            write_durably(self._schedule(path), json.dumps(state).encode(), self.dir("tmp"))
+        except OSError as e:
+            raise QueueError(f"{self.state}: {e.strerror or e}") from None
+        if self._deferred is not None:
+            self._deferred[path.name] = (now, now)
+        return path.name
+
+    def stats(self, now: float) -> QueueStats:
+        """The counts from directory listings and the deferred index (which may be up to
+        RESCAN_DEFERRED seconds behind other processes' changes). A new file's age is its
+        mtime; only the OLDEST_PROBE smallest names are looked at (Fossil's and
+        mailrelayd-sendmail's names start with the time they were written). With keep_sent,
+        sent_24h stats every kept file."""
+        try:
+            with os.scandir(self.spool) as entries:
+                new = [e.name for e in entries if not e.name.startswith(".")]
+            times = []
+            for name in heapq.nsmallest(OLDEST_PROBE, new):
+                try:
+                    times.append(os.lstat(self.spool / name).st_mtime)
+                except FileNotFoundError:
+                    pass
+            deferred = self._deferred_index(now).values()
+            later = [t for t, _ in deferred if t > now]
+            times += [first_seen for _, first_seen in deferred]
+            names = set(os.listdir(self.dir("failed")))
+            failed = sum(1 for n in names if not (n.endswith(".reason") and n[:-7] in names))
+            sent = None
+            if self.keep_sent:
+                with os.scandir(self.dir("sent")) as entries:
+                    sent = sum(1 for e in entries if e.stat(follow_symlinks=False).st_mtime >= now - 86400)
+        except OSError as e:
+            raise QueueError(f"{self.state}: {e.strerror or e}") from None
+        oldest = min(times, default=None)
+        return QueueStats(queued=len(new) + len(deferred) - len(later), deferred=len(later), failed=failed,
+                          sent_24h=sent, oldest_queued_s=None if oldest is None else max(0.0, now - oldest),
+                          next_try=min(later, default=None))
+
     def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
         for msg, _ in sent:
             self._mark_one_sent(msg, now)
@@ -168,7 +218,7 @@ class SpoolQueue:
                 state["recipients"] = list(remaining)
             write_durably(self._schedule(path), json.dumps(state).encode(), self.dir("tmp"))
             if self._deferred is not None:
-                self._deferred[path.name] = next_try
+                self._deferred[path.name] = (next_try, msg.first_seen)
 
     def set_aside(self, msg: QueuedMessage, reason: str, now: float,
                   recipients: tuple[str, ...] | None = None) -> None:
@@ -186,7 +236,7 @@ class SpoolQueue:
                 os.close(held.fd)
 
     def next_due(self, now: float) -> float | None:
-        times = [t for name, t in (self._deferred or {}).items() if name not in self._held]
+        times = [t for name, (t, _) in (self._deferred or {}).items() if name not in self._held]
         if self._settles_at is not None:
             times.append(self._settles_at)
         return min(times, default=None)
@@ -211,15 +261,24 @@ class SpoolQueue:
 
     # -- finding work -------------------------------------------------------------
 
-    def _due_deferred(self, now: float) -> list[str]:
-        """Deferred names due by now, from an index kept up to date by our own changes and
-        read again from disk every RESCAN_DEFERRED seconds (for other relays' changes)."""
+    def _deferred_index(self, now: float) -> dict[str, tuple[float, float]]:
+        """(next try, first seen) of each deferred name, kept up to date by our own changes
+        and read again from disk every RESCAN_DEFERRED seconds (for other relays' changes)."""
         if self._deferred is None or now - self._deferred_scanned >= RESCAN_DEFERRED:
             self._deferred = {}
             for entry in os.scandir(self.dir("deferred")):
-                self._deferred[entry.name] = self._read_state(Path(entry.path)).get("next_try", 0.0)
+                state = self._read_state(Path(entry.path))
+                try:  # no schedule (a crash between move and write): since the file was written
+                    first_seen = state.get("first_seen") or entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                self._deferred[entry.name] = (state.get("next_try", 0.0), first_seen)
             self._deferred_scanned = now
-        due = [(t, name) for name, t in self._deferred.items() if t <= now and name not in self._held]
+        return self._deferred
+
+    def _due_deferred(self, now: float) -> list[str]:
+        """Deferred names due by now, soonest first."""
+        due = [(t, name) for name, (t, _) in self._deferred_index(now).items() if t <= now and name not in self._held]
         return [name for _, name in sorted(due)]
 
     def _list_ready(self, now: float) -> list[str]:
@@ -269,10 +328,10 @@ class SpoolQueue:
             return None
         state = self._read_state(path) if path.parent == self.dir("deferred") else {}
         if state.get("next_try", 0.0) > now:  # deferred again by another relay meanwhile
-            self._deferred[path.name] = state["next_try"]
+            self._deferred[path.name] = (state["next_try"], state.get("first_seen", now))
             os.close(fd)
             return None
-        problem = self._refusal(opened)
+        problem = self._refusal(opened, trusted=path.parent != self.spool)
         if problem is None:
             data = _read_all(fd, self.max_size + 1)
             if len(data) > self.max_size:
@@ -297,7 +356,9 @@ class SpoolQueue:
                              first_seen=state.get("first_seen", now), envelope=recorded,
                              partial=bool(state.get("recipients")))
 
-    def _refusal(self, st: os.stat_result) -> str | None:
+    def _refusal(self, st: os.stat_result, trusted: bool = False) -> str | None:
+        """Why a file may not be read, or None. `trusted`: in our state directory, where only
+        files already checked or written by the relay itself are (spool_owner does not apply)."""
         if not stat.S_ISREG(st.st_mode):
             return f"not a regular file ({_kind(st.st_mode)})"
         if st.st_nlink != 1:
@@ -306,7 +367,7 @@ class SpoolQueue:
             return "empty file"
         if st.st_size > self.max_size:
             return f"{st.st_size} bytes, over max_size ({self.max_size})"
-        if self.owner_uid is not None and st.st_uid != self.owner_uid:
+        if self.owner_uid is not None and st.st_uid != self.owner_uid and not trusted:
             return f"owned by uid {st.st_uid}, not {self.owner_uid} (spool_owner)"
         return None
 
