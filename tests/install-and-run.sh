@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # Postfix is only used through private instances the tests start; keep the system one unconfigured.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-apt-get install -y -q --no-install-recommends fossil postfix msmtp sqlite3 ca-certificates
+apt-get install -y -q --no-install-recommends fossil postfix msmtp sqlite3 ca-certificates systemd
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
