@@ -7,11 +7,12 @@ checked here, once; a bad one raises ConfigError with a single line naming the k
 
 from __future__ import annotations
 
+import glob
 import re
 import shlex
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,31 @@ class Config:
     max_age: float = 5 * 86400.0
     sentlog_retention: float = 30 * 86400.0
     envelope_from: str = "header"
+    notify_failed: str | None = None
     log_format: str = "auto"
     log_level: str = "info"
+    log_file: Path | None = None
+    syslog: bool = False
+    daemon: bool = False
+    pidfile: Path | None = None
+    allow_concurrent: bool = False
+    metrics: str | None = None
+    # From [[queue]] tables: one Config per queue (the top-level keys, then the table's).
+    queues: tuple[Config, ...] = ()
 
     @property
     def lease(self) -> float:
         """How long a claim keeps other hosts off a message: past any delivery's timeout."""
         return 2 * self.timeout + 60
+
+    @property
+    def queue_configs(self) -> tuple[Config, ...]:
+        """The configured queues, each its own Config; db or spool may be a glob."""
+        return self.queues or (self,)
+
+    @property
+    def queue_path(self) -> Path:
+        return self.db or self.spool  # type: ignore[return-value]
 
 
 # -- value parsers: each takes a TOML value or a flag's string, returns the value or
@@ -207,6 +226,15 @@ def _text(value: Any) -> str:
     raise ValueError("expected a word")
 
 
+def _listen(value: Any) -> str:
+    from mailrelayd.metrics import parse_listen
+
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT such as 127.0.0.1:9464")
+    parse_listen(value)
+    return value
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -266,13 +294,25 @@ OPTIONS = [
     Option("sentlog_retention", _duration(0), "DURATION", "keep sentlog rows this long (default: 30d)"),
     Option("envelope_from", _envelope_from, "ADDR", "envelope sender: 'header' (Sender:, else From:),"
            " 'none', or a fixed address (default: header)"),
+    Option("notify_failed", _address, "ADDR", "send this address a short notice for each message set aside"),
     Option("log_format", _choice("auto", "console", "json"), "FORMAT", "auto (key=value on a terminal, JSON"
            " lines otherwise), console or json (default: auto)"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "LEVEL", "least important events logged"
            " (default: info)"),
+    Option("log_file", _path, "FILE", "append log lines (JSON) to this file, reopened on SIGHUP (default: stderr;"
+           " syslog with --daemon)"),
+    Option("syslog", _bool, "", "log to syslog (/dev/log, facility mail)"),
+    Option("daemon", _bool, "", "detach into the background (not under systemd)"),
+    Option("pidfile", _path, "FILE", "write the pid here, locked while running"),
+    Option("allow_concurrent", _bool, "", "run even when another mailrelayd already relays a queue"),
+    Option("metrics", _listen, "HOST:PORT", "serve Prometheus metrics on this address (default: off)"),
 ]
 _BY_KEY = {o.key: o for o in OPTIONS}
-assert set(_BY_KEY) == {f.name for f in fields(Config)}
+assert set(_BY_KEY) == {f.name for f in fields(Config)} - {"queues"}
+# Settings of the whole process, which a [[queue]] table cannot set.
+PROCESS_KEYS = frozenset({"log_format", "log_level", "log_file", "syslog", "daemon", "pidfile",
+                          "allow_concurrent", "metrics"})
+DELIVERY_WAYS = ("command", "maildir", "smtp_server")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -288,7 +328,59 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def build(file_values: dict[str, Any], flag_values: dict[str, Any], source: str = "") -> Config:
-    """The validated Config from the file's values overridden by the flags' values."""
+    """The validated Config from the file's values overridden by the flags' values.
+
+    A file with [[queue]] tables gives one Config per table in `queues` (its keys over
+    the top-level ones); a --db or --spool flag names the one queue instead."""
+    file_values = dict(file_values)
+    tables = file_values.pop("queue", None)
+    if tables is None or "db" in flag_values or "spool" in flag_values:
+        return _build_one(file_values, flag_values, source)
+    origin = source or "config"
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{origin}: 'queue' must be [[queue]] tables")
+    if "db" in file_values or "spool" in file_values:
+        raise ConfigError(f"{origin}: give queues either as db/spool or as [[queue]] tables, not both")
+    queues, seen = [], set()
+    for number, table in enumerate(tables, 1):
+        where = f"{origin} [[queue]] {number}"
+        for key in table:
+            if key in PROCESS_KEYS or key == "queue":
+                raise ConfigError(f"{where}: {key} applies to the whole process; set it at the top level")
+        base = file_values
+        if any(way in table for way in DELIVERY_WAYS):  # the table's way to deliver replaces the top level's
+            base = {k: v for k, v in file_values.items() if k not in DELIVERY_WAYS}
+        queue = _build_one({**base, **table}, flag_values, where)
+        path = queue.queue_path.absolute()
+        if path in seen:
+            raise ConfigError(f"{where}: {path} is already another queue")
+        seen.add(path)
+        queues.append(queue)
+    return replace(_build_one(file_values, flag_values, source, need_queue=False), queues=tuple(queues))
+
+
+def expand(config: Config) -> list[Config]:
+    """One Config per queue that exists now, a glob's matches in place of the glob."""
+    found = []
+    for queue in config.queue_configs:
+        path = queue.queue_path
+        if not is_glob(path):
+            found.append(queue)
+            continue
+        key = "db" if queue.db else "spool"
+        for match in sorted(glob.glob(str(path))):
+            if key == "spool" and (match.endswith(".mailrelayd") or not Path(match).is_dir()):
+                continue  # a state directory, or a file: not a spool
+            found.append(replace(queue, **{key: Path(match)}))
+    return found
+
+
+def is_glob(path: Path | None) -> bool:
+    return path is not None and glob.has_magic(str(path))
+
+
+def _build_one(file_values: dict[str, Any], flag_values: dict[str, Any], source: str,
+               need_queue: bool = True) -> Config:
     values: dict[str, Any] = {}
     for origin, given in ((source or "config", file_values), ("flag", flag_values)):
         for key, raw in given.items():
@@ -299,8 +391,10 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any], source: str 
                 values[key] = option.parse(raw)
             except ValueError as e:
                 shown = f"--{key.replace('_', '-')}" if origin == "flag" else key
-                raise ConfigError(f"bad value for {shown} ({raw!r}): {e}") from None
-    ways = [k for k in ("command", "maildir", "smtp_server") if k in values]
+                table = origin.partition(" [[queue]] ")[2]
+                where = f" in [[queue]] {table}" if table and origin != "flag" else ""
+                raise ConfigError(f"bad value for {shown}{where} ({raw!r}): {e}") from None
+    ways = [k for k in DELIVERY_WAYS if k in values]
     if len(ways) > 1:  # a flag overrides the file's way to deliver; two of one kind conflict
         by_flag = [k for k in ways if k in flag_values]
         if len(by_flag) != 1:
@@ -308,9 +402,11 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any], source: str 
         for k in ways:
             if k not in by_flag:
                 del values[k]
-    if ("db" in values) == ("spool" in values):
-        raise ConfigError("give one queue: db (--db FILE) or spool (--spool DIR)")
+    if "db" in values and "spool" in values or need_queue and "db" not in values and "spool" not in values:
+        raise ConfigError("give one queue: db (--db FILE) or spool (--spool DIR), or [[queue]] tables")
     config = Config(**values)
     if config.max_retry_delay < config.retry_delay:
         raise ConfigError("bad value for max_retry_delay: shorter than retry_delay")
+    if config.spool and is_glob(config.spool) and config.state_dir:
+        raise ConfigError("state_dir cannot be set for a spool glob: each spool keeps its state beside it")
     return config

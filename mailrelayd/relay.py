@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope, MalformedMessage, explicit_envelope, read_envelope
+from mailrelayd.notice import failure_notice, is_notice
 from mailrelayd.outcome import Outcome, PartlySent, PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.queues import Queue, QueuedMessage, QueueError
 from mailrelayd.transports import Transport
@@ -82,6 +83,8 @@ class Relay:
         envelope_from: str = "header",
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        notify_failed: str | None = None,
+        observer: Callable[[str, str, float], None] | None = None,
     ):
         self.queue = queue
         self.transport = transport
@@ -91,11 +94,25 @@ class Relay:
         self.envelope_from = envelope_from
         self.clock = clock
         self.rng = rng or random.Random()
+        self.notify_failed = notify_failed
+        self.observer = observer  # observer(queue name, "sent"|"deferred"|"failed", seconds): metrics
         self.log = get_logger(queue=queue.name)
+        # Read by a supervisor on another thread (plain attribute reads):
+        self.heartbeat = time.monotonic()  # the loop's last turn; stale means the loop hangs
+        self.max_sleep: float | None = None  # the loop turns at least this often when set
+        self.stats_every: float | None = None  # refresh `stats` this often when set
+        self.stats = None  # QueueStats, from the relay's own thread
+        self.totals = DrainReport()  # what `run` has done so far
+        self.opened = False  # `run` has opened the queue and set its watch
+        self.open_attempted = False  # `run` has tried to open the queue once (it may be waiting for it)
+        self.on_change: Callable[[], None] = lambda: None  # called when open_attempted becomes true
+        self._next_stats = 0.0
         self._events: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
         self._wake_posted = False
         self._stopping = False
         self._unrecorded: list[_Done] = []
+        self._progress: Callable[[DrainReport], None] | None = None
+        self._added = False  # a notice was queued: claim again (a drain sends it too)
 
     # -- called from signal handlers and other threads: set flags, post a token ----
 
@@ -112,8 +129,10 @@ class Relay:
 
     # -- the two ways to run ------------------------------------------------------
 
-    def drain(self) -> DrainReport:
-        """Deliver every message that is due now, then return what happened."""
+    def drain(self, progress: Callable[[DrainReport], None] | None = None) -> DrainReport:
+        """Deliver every message that is due now, then return what happened.
+
+        `progress(report)` is called after each recorded outcome (a progress bar)."""
         report = DrainReport()
         try:
             self.queue.open()
@@ -121,8 +140,17 @@ class Relay:
         except QueueError as e:
             report.queue_error = str(e)
             return report
+        self._progress = progress
         self._loop(report, until_idle=True)
         return report
+
+    def pending(self) -> int | None:
+        """Messages waiting to be sent now (a drain's total), or None if unknown."""
+        try:
+            self.queue.open()
+            return self.queue.stats(self.clock()).queued
+        except QueueError:
+            return None
 
     def run(self, on_ready: Callable[[], None] = lambda: None) -> int:
         """Relay until `stop()`: wake on file events, SIGUSR1 (`wake`) and every poll interval.
@@ -131,6 +159,7 @@ class Relay:
         watcher = DirectoryWatcher(self.queue.watch_dir, self.queue.notice, self.wake)
         said_events = said_queue = None  # each problem is logged once, not at every retry
         while not self._stopping:
+            self.heartbeat = time.monotonic()
             why = watcher.start()
             if why and why != said_events:
                 self.log.warning("file_events_unavailable", reason=why, poll_interval_s=self.poll_interval)
@@ -139,22 +168,32 @@ class Relay:
                 self.queue.open()
                 break
             except QueueError as e:
+                self._attempted()
                 if e.permanent:
                     self.log.critical("queue_unavailable", error=str(e), note="this cannot come right by waiting")
                     watcher.stop()
+                    self.queue.close()
                     return EX_NOINPUT
                 if str(e) != said_queue:
                     self.log.error("queue_unavailable", error=str(e), retry_in_s=self.poll_interval)
                     said_queue = str(e)
-                self._wait(self.poll_interval)
+                self._wait(min(self.poll_interval, self.max_sleep or self.poll_interval))
         if not self._stopping:
             self.log.info("relay_started", workers=self.workers, file_events=watcher.running)
+            self.opened = True
+            self._attempted()
             on_ready()
             self._maintain()
-            self._loop(DrainReport(), until_idle=False, watcher=watcher)
+            self._loop(self.totals, until_idle=False, watcher=watcher)
         watcher.stop()
+        self.queue.close()
         self.log.info("relay_stopped")
         return EX_OK
+
+    def _attempted(self) -> None:
+        if not self.open_attempted:
+            self.open_attempted = True
+            self.on_change()
 
     # -- the engine ---------------------------------------------------------------
 
@@ -167,10 +206,13 @@ class Relay:
         next_maintain = self.clock() + MAINTAIN_EVERY
         with ThreadPoolExecutor(self.workers, thread_name_prefix="deliver") as pool:
             while True:
+                self.heartbeat = time.monotonic()
                 self._record_unrecorded(report)
                 if self._stopping:
                     break
                 now = self.clock()
+                if self.stats_every and self.heartbeat >= self._next_stats:
+                    self._refresh_stats(now)
                 if want_claim and len(inflight) <= self.workers:
                     want_claim = False
                     asked = capacity - len(inflight)
@@ -194,6 +236,10 @@ class Relay:
                     timeout = self._idle_timeout(now, inflight)
                 if rescan_at is not None:
                     timeout = max(0.0, min(timeout, rescan_at - time.monotonic()))
+                if not until_idle and self.max_sleep:
+                    timeout = min(timeout, self.max_sleep)
+                if not until_idle and self.stats_every:
+                    timeout = max(0.0, min(timeout, self._next_stats - time.monotonic()))
                 item = self._next_event(timeout)
                 if item is None:  # poll timer, or the scan after a wake-up
                     want_claim = True
@@ -226,7 +272,8 @@ class Relay:
                         else:
                             done.append(future.result())
                     self._settle_all(done, report)
-                    want_claim = want_claim or backlog
+                    want_claim = want_claim or backlog or self._added
+                    self._added = False
             for future in list(inflight):
                 if future.cancel():
                     self._release([inflight.pop(future)])
@@ -303,7 +350,7 @@ class Relay:
                 self._unrecorded.extend(sent)
             else:
                 for d in sent:
-                    report.sent += 1
+                    self._count(report, "sent", d)
                     self.log.info("message_sent", outcome="sent", **self._context(d))
             done = [d for d in done if not isinstance(d.outcome, Sent)]
         for d in done:
@@ -335,25 +382,27 @@ class Relay:
         match outcome:
             case Sent():
                 self.queue.mark_sent([(msg, envelope)], now)
-                report.sent += 1
+                self._count(report, "sent", done)
                 self.log.info("message_sent", outcome="sent", **context)
             case PermanentFailure(detail=detail):
                 self.queue.set_aside(msg, detail, now)
-                report.failed += 1
+                self._count(report, "failed", done)
                 self.log.error("message_failed", outcome="failed", reason=detail, **context)
+                self._notify_failed(done, detail, now)
             case TemporaryFailure(detail=detail) if now - msg.first_seen >= self.retry.max_age:
                 reason = f"gave up after {attempt} attempts over {_days(now - msg.first_seen)}: {detail}"
                 self.queue.set_aside(msg, reason, now)
-                report.failed += 1
+                self._count(report, "failed", done)
                 self.log.error("message_failed", outcome="failed", reason=reason, **context)
+                self._notify_failed(done, reason, now)
             case TemporaryFailure(detail=detail, setup_error=setup_error):
                 delay = self.retry.delay(attempt, self.rng)
                 self.queue.defer(msg, detail, now + delay, now)
-                report.deferred += 1
+                self._count(report, "deferred", done)
                 level = self.log.error if setup_error else self.log.warning
                 level("message_deferred", outcome="deferred", reason=detail, retry_in_s=round(delay), **context)
             case PartlySent(accepted=accepted, temporary=temporary, permanent=permanent):
-                self._record_partial(msg, accepted, temporary, permanent, now, report, context)
+                self._record_partial(done, accepted, temporary, permanent, now, report, context)
 
     @staticmethod
     def _context(done: _Done) -> dict:
@@ -368,8 +417,9 @@ class Relay:
             ms=round(done.ms, 1),
         )
 
-    def _record_partial(self, msg, accepted, temporary, permanent, now, report, context) -> None:
+    def _record_partial(self, done, accepted, temporary, permanent, now, report, context) -> None:
         """Some recipients took it: retry only the temporary refusals, report the others."""
+        msg = done.msg
         for recipient, reply in permanent:
             self.log.error("recipient_refused", emailid=msg.id, recipient=recipient, reason=reply)
         summary = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
@@ -378,13 +428,41 @@ class Relay:
         if temporary and now - msg.first_seen < self.retry.max_age:
             delay = self.retry.delay(msg.attempts + 1, self.rng)
             self.queue.defer(msg, summary, now + delay, now, recipients=tuple(r for r, _ in temporary))
-            report.deferred += 1
+            self._count(report, "deferred", done)
             self.log.warning("message_deferred", outcome="partly sent", reason=summary, retry_in_s=round(delay),
                              **context)
         else:
             self.queue.set_aside(msg, summary, now, recipients=tuple(r for r, _ in (*temporary, *permanent)))
-            report.failed += 1
+            self._count(report, "failed", done)
             self.log.error("message_failed", outcome="partly sent", reason=summary, **context)
+            self._notify_failed(done, summary, now)
+
+    def _count(self, report: DrainReport, outcome: str, done: _Done) -> None:
+        setattr(report, outcome, getattr(report, outcome) + 1)
+        if self.observer is not None:
+            self.observer(self.queue.name, outcome, done.ms / 1000)
+        if self._progress is not None:
+            self._progress(report)
+
+    def _notify_failed(self, done: _Done, reason: str, now: float) -> None:
+        """Queue a short notice to the administrator, never about a notice itself."""
+        if not self.notify_failed or is_notice(done.msg.data):
+            return
+        notice = failure_notice(self.notify_failed, self.queue.name, done.msg.id, done.envelope, reason, now)
+        try:
+            notice_id = self.queue.add(notice, now)
+        except QueueError as e:
+            self.log.error("notice_not_queued", emailid=done.msg.id, error=str(e))
+        else:
+            self._added = True
+            self.log.info("notice_queued", emailid=done.msg.id, notice=notice_id, to=self.notify_failed)
+
+    def _refresh_stats(self, now: float) -> None:
+        self._next_stats = time.monotonic() + self.stats_every
+        try:
+            self.stats = self.queue.stats(now)
+        except QueueError as e:
+            self.log.warning("stats_failed", error=str(e))
 
     def _release(self, msgs: list[QueuedMessage]) -> None:
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -96,6 +98,7 @@ class SqliteHarness:
 
     def __init__(self, path: Path):
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(path) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS email(emailid INTEGER PRIMARY KEY, msg TEXT)")
         self.cli_args = ["--db", str(path)]
@@ -143,7 +146,7 @@ class SpoolHarness:
 
     def __init__(self, root: Path):
         self.path = root / "spool"
-        self.path.mkdir()
+        self.path.mkdir(parents=True)
         self.state = root / "spool.mailrelayd"
         self.cli_args = ["--spool", str(self.path)]
         self._count = 0
@@ -253,3 +256,93 @@ def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
             return result
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Daemon:
+    """`python -m mailrelayd` running in the background, its JSON log in a file."""
+
+    def __init__(self, log_path: Path, args: list[str], env: dict[str, str] | None = None):
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailrelayd", "--log-format", "json", *args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            )
+        self.pid = self.proc.pid
+
+    def events(self) -> list[dict]:
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                found.append({"event": "unparsed", "line": line})
+        return found
+
+    def logged(self, event: str) -> list[dict]:
+        return [e for e in self.events() if e.get("event") == event]
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the daemon itself (not its children), from /proc."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def main_thread_switches(self) -> int:
+        """Context switches of all the daemon's threads: unchanged while it sleeps."""
+        total = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except OSError:  # a thread that just ended
+                continue
+            total += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+        return total
+
+    def wait_idle(self, quiet: float = 0.3, timeout: float = 10) -> None:
+        """Wait until the relay's thread has not woken for `quiet` seconds (no scan pending)."""
+        def still():
+            before = self.main_thread_switches()
+            time.sleep(quiet)  # the measurement window
+            return self.main_thread_switches() == before
+        wait_until(still, timeout=timeout, what="the daemon to go idle")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path, fake_sendmail):
+    """Start daemons with `daemon(*args)`; any still running is killed at teardown."""
+    started = []
+
+    def start(*args: str, command: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"daemon{len(started)}.log",
+                   [*args, "--command", command or f"{fake_sendmail.path} -ti"], env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+    kill_fakes(fake_sendmail)
+
+
+def kill_fakes(fake_sendmail) -> None:
+    """SIGKILL fake sendmails still running (each leads its own session, so its group goes)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(fake_sendmail.path).encode() in (entry / "cmdline").read_bytes():
+                    os.killpg(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+def started_calls(fake_sendmail) -> list[Path]:
+    return list((fake_sendmail.ctl / "calls").iterdir())

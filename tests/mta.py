@@ -71,13 +71,14 @@ class SmtpSink:
     """An aiosmtpd server on its own thread and event loop; `messages` fills as mail arrives.
 
     Set `rcpt_reply` (for example "550 5.1.1 No such user" or "451 4.3.0 Try later") to
-    answer every RCPT TO with it instead of accepting.
+    answer every RCPT TO with it instead of accepting, or `rcpt_replies` for some addresses.
     """
 
     host: str = "127.0.0.1"
     port: int = 0
     messages: list[ReceivedMail] = field(default_factory=list)
     rcpt_reply: str | None = None
+    rcpt_replies: dict[str, str] = field(default_factory=dict)  # per address, overrides rcpt_reply
     rejected: list[str] = field(default_factory=list)
 
     def start(self) -> None:
@@ -120,10 +121,11 @@ class SmtpSink:
     # aiosmtpd handler hooks (run on the sink's event loop)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.rcpt_reply:
+        reply = self.rcpt_replies.get(address, self.rcpt_reply)
+        if reply:
             with self._lock:
                 self.rejected.append(address)
-            return self.rcpt_reply
+            return reply
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 

@@ -1,9 +1,12 @@
 """The mailrelayd command as an administrator uses it."""
 
 import json
+import os
+import subprocess
+import sys
 
 from mailrelayd.config import OPTIONS
-from conftest import SqliteHarness, fossil_message, run_cli
+from conftest import ROOT, SqliteHarness, fossil_message, run_cli
 
 
 def drain(harness, fake_sendmail, *extra):
@@ -159,3 +162,48 @@ def test_locked_database_exits_66_and_loses_nothing(sqlite_harness, fake_sendmai
         holder.close()
     assert result.returncode == 66 and "database is locked" in result.stderr
     assert fake_sendmail.calls() == [] and sqlite_harness.queued() == 1
+
+
+def _drain_on_a_terminal(harness, fake_sendmail) -> tuple[int, str]:
+    """Run --drain with stderr on a pseudo-terminal; its exit status and what the terminal showed."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--drain", *harness.cli_args, "--settle", "0",
+                             "--workers", "1", "--command", f"{fake_sendmail.path} -ti"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"})
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the drain closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    return proc.wait(timeout=60), shown.decode("utf-8", "replace")
+
+
+def test_long_drain_on_a_terminal_shows_progress(queue_harness, fake_sendmail):
+    """A drain lasting over a second on a terminal shows a progress bar with messages done of the total and a rate."""
+    for n in range(4):
+        queue_harness.enqueue(fossil_message(subject=f"m{n}"))
+    fake_sendmail.take_seconds(0.5)  # four messages one at a time: about two seconds
+    status, shown = _drain_on_a_terminal(queue_harness, fake_sendmail)
+    assert status == 0
+    assert "/4 [" in shown and "msg/s" in shown, shown
+
+
+def test_drain_into_a_pipe_shows_no_progress(queue_harness, fake_sendmail):
+    """With stderr not a terminal, a drain prints log lines only: no progress bar."""
+    for n in range(4):
+        queue_harness.enqueue(fossil_message(subject=f"m{n}"))
+    fake_sendmail.take_seconds(0.5)
+    result = run_cli("--drain", *queue_harness.cli_args, "--settle", "0", "--workers", "1",
+                     "--command", f"{fake_sendmail.path} -ti")
+    assert result.returncode == 0
+    assert "msg/s" not in result.stderr and "\r" not in result.stderr
+    assert all(line.startswith("{") for line in result.stderr.splitlines())

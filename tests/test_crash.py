@@ -3,10 +3,8 @@
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 

@@ -1,103 +1,13 @@
 """The daemon as a service manager runs it: a long-lived process woken by files and signals."""
 
-import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from mailrelayd.message import to_lf
 from mailrelayd.queues import owner_token
-from conftest import ROOT, fossil_message, wait_until
-
-
-class Daemon:
-    """`python -m mailrelayd` running in the background, its JSON log in a file."""
-
-    def __init__(self, log_path: Path, args: list[str]):
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mailrelayd", "--log-format", "json", *args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-        self.pid = self.proc.pid
-
-    def events(self) -> list[dict]:
-        found = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                found.append({"event": "unparsed", "line": line})
-        return found
-
-    def logged(self, event: str) -> list[dict]:
-        return [e for e in self.events() if e.get("event") == event]
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the daemon itself (not its children), from /proc."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def main_thread_switches(self) -> int:
-        """Context switches of the relay's own thread: unchanged while it sleeps."""
-        status = Path(f"/proc/{self.pid}/task/{self.pid}/status").read_text()
-        return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-
-    def wait_idle(self, quiet: float = 0.3, timeout: float = 10) -> None:
-        """Wait until the relay's thread has not woken for `quiet` seconds (no scan pending)."""
-        def still():
-            before = self.main_thread_switches()
-            time.sleep(quiet)  # the measurement window
-            return self.main_thread_switches() == before
-        wait_until(still, timeout=timeout, what="the daemon to go idle")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def daemon(tmp_path, fake_sendmail):
-    """Start daemons with `daemon(*args)`; any still running is killed at teardown."""
-    started = []
-
-    def start(*args: str, command: str | None = None) -> Daemon:
-        d = Daemon(tmp_path / f"daemon{len(started)}.log",
-                   [*args, "--command", command or f"{fake_sendmail.path} -ti"])
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-    kill_fakes(fake_sendmail)
-
-
-def kill_fakes(fake_sendmail) -> None:
-    """SIGKILL fake sendmails still running (each leads its own session, so its group goes)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(fake_sendmail.path).encode() in (entry / "cmdline").read_bytes():
-                    os.killpg(int(entry.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
-
-
-def started_calls(fake_sendmail) -> list[Path]:
-    return list((fake_sendmail.ctl / "calls").iterdir())
+from conftest import fossil_message, started_calls, wait_until
 
 
 def test_inserted_message_reaches_sendmail_promptly(sqlite_harness, fake_sendmail, daemon):

@@ -128,3 +128,24 @@ def test_maildir_transport_writes_each_message_into_new(queue_harness, tmp_path,
     [written] = (tmp_path / "Maildir" / "new").iterdir()
     assert written.read_bytes() == data.replace(b"\r\n", b"\n")
     assert list((tmp_path / "Maildir" / "tmp").iterdir()) == []
+
+
+def test_a_failed_message_brings_the_administrator_a_notice(queue_harness, fake_sendmail, make_relay):
+    """With notify_failed, a message set aside queues one short notice (same transport, same drain), never one about the notice."""
+    queue_harness.enqueue(fossil_message(to="bob@example.com", subject="Ticket 42", body="SECRET BODY\r\n"))
+    fake_sendmail.exit_with(65, "bad address")  # fails the notice too: no notice about a notice
+    report = make_relay(queue_harness, notify_failed="admin@example.org").drain()
+    assert (report.sent, report.failed) == (0, 2)
+    [(_, original), (_, notice)] = fake_sendmail.calls()
+    assert b"Ticket 42" in original
+    assert b"To: admin@example.org" in notice and b"X-Mailrelayd-Notice: failed" in notice
+    assert b"bob@example.com" in notice and b"Ticket 42" in notice and b"bad address" in notice
+    assert b"SECRET BODY" not in notice and b"mailrelayd retry --failed" in notice
+
+
+def test_no_notice_without_notify_failed(queue_harness, fake_sendmail, make_relay):
+    """Without notify_failed a message set aside brings no notice."""
+    queue_harness.enqueue(fossil_message())
+    fake_sendmail.exit_with(65)
+    report = make_relay(queue_harness).drain()
+    assert report.failed == 1 and len(fake_sendmail.calls()) == 1

@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from conftest import fossil_message, run_cli
+from mta import smtp_sink  # noqa: F401
 from test_smtp import PASSWORD, ca, ca_file, server_tls  # noqa: F401  (fixtures are used by name)
 from test_smtp_e2e import USER, password_file, smtp_server  # noqa: F401
 
@@ -225,3 +226,15 @@ def test_always_bcc_gets_every_message_only_through_the_envelope(queue_harness, 
     assert sorted(m.rcpt_tos for m in server.mails) == [("user0@example.com", "archive@x.org"),
                                                        ("user1@example.com", "archive@x.org")]
     assert not any(b"archive" in m.data for m in server.mails)
+
+
+def test_refused_message_brings_a_notice_through_the_same_server(queue_harness, smtp_sink):
+    """A 550 for the only recipient sets the message aside, and the administrator's notice goes through the same SMTP server in the same drain."""
+    smtp_sink.rcpt_replies["bob@example.com"] = "550 5.1.1 No such user"
+    queue_harness.enqueue(fossil_message(to="bob@example.com", subject="Ticket 7"))
+    result = drain(queue_harness, smtp_sink.port, "--use-tls", "none", "--notify-failed", "admin@example.org")
+    assert result.returncode == 65, result.stderr
+    [notice] = smtp_sink.received()
+    assert notice.rcpt_tos == ("admin@example.org",)
+    assert b"X-Mailrelayd-Notice: failed" in notice.data and b"550 5.1.1 No such user" in notice.data
+    assert [e["event"] for e in events(result)].count("notice_queued") == 1

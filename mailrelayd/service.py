@@ -1,0 +1,350 @@
+"""The long-running process: one relay per queue, each on its own thread, supervised.
+
+The main thread only supervises. It starts a relay for each configured queue (and for
+a glob's matches as they appear), holds each queue's single-relay lock, tells systemd
+how things are (READY, STATUS, WATCHDOG only while every relay's loop turns,
+STOPPING), feeds the metrics, and acts on the flags that signal handlers set: reload
+(SIGHUP), scan (SIGUSR1), stop (SIGTERM, SIGINT). A relay that fails or waits for its
+queue never holds up another.
+"""
+
+from __future__ import annotations
+
+import queue as stdqueue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mailrelayd import log as logmod
+from mailrelayd.config import Config, ConfigError, expand, is_glob
+from mailrelayd.log import get_logger
+from mailrelayd.queuelock import QueueLock
+from mailrelayd.relay import Relay
+from mailrelayd.sdnotify import Notifier
+
+EX_OK, EX_NOINPUT, EX_SOFTWARE, EX_TEMPFAIL = 0, 66, 70, 75
+STATUS_EVERY = 10.0  # STATUS= line and metrics gauges
+
+
+class QueueHeld(Exception):
+    """Another process relays this queue (exit status 75)."""
+
+    def __init__(self, path: Path, pid: int):
+        super().__init__(f"{path} is relayed by another mailrelayd (pid {pid or 'unknown'});"
+                         " stop it, or give --allow-concurrent to run beside it")
+        self.path, self.pid = path, pid
+
+
+@dataclass
+class _Running:
+    config: Config
+    relay: Relay
+    thread: threading.Thread | None
+    status: int | None = None  # Relay.run's exit status, once it has returned
+
+
+class Service:
+    def __init__(self, config: Config, *, build_relay: Callable[[Config], Relay],
+                 reload_config: Callable[[], Config], notifier: Notifier | None = None, metrics=None,
+                 lock_path: Callable[[Config], Path], configure_log: Callable[[Config], None] = lambda c: None,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.build_relay = build_relay
+        self.reload_config = reload_config
+        self.notifier = notifier or Notifier.from_environment({})
+        self.metrics = metrics
+        self.lock_path = lock_path
+        self.configure_log = configure_log
+        self.monotonic = monotonic
+        self.log = get_logger()
+        self._running: dict[Path, _Running] = {}
+        self._locks: dict[Path, QueueLock] = {}
+        self._said: dict[Path, str] = {}  # a waiting queue's problem, logged once
+        self._ended: dict[Path, int] = {}  # queues whose relay gave up (66): not restarted until a reload
+        self._events: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
+        self._stop = self._reload = self._scan = False
+        self._ready = False
+        self._next_sync = self._next_status = self._next_ping = 0.0
+        self._said_stalled: set[Path] = set()
+
+    # -- called from signal handlers: set a flag, post a token --------------------------
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self._events.put(None)
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self._events.put(None)
+
+    def request_scan(self) -> None:
+        self._scan = True
+        self._events.put(None)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def claim_queues(self) -> None:
+        """Take every configured queue's single-relay lock now; QueueHeld if another holds
+        one (unless allow_concurrent). Queues whose directory is missing are taken later."""
+        for queue in expand(self.config):
+            held_by = self._lock(queue)
+            if held_by is not None and not self.config.allow_concurrent:
+                raise QueueHeld(queue.queue_path.absolute(), held_by)
+
+    def lock_fds(self) -> list[int]:
+        return [lock.fileno() for lock in self._locks.values()]
+
+    def rewrite_pids(self) -> None:
+        """After forking: the locks are ours still, under a new pid."""
+        for lock in self._locks.values():
+            lock.rewrite_pid()
+
+    def run(self) -> int:
+        """Supervise until stopped; the exit status."""
+        if self.notifier.watchdog_interval:
+            self._next_ping = self.monotonic()
+        try:
+            self._sync()
+            while not self._stop:
+                timeout = self._tick()
+                if timeout is None:
+                    break
+                try:
+                    self._events.get(timeout=timeout)
+                except stdqueue.Empty:
+                    pass
+        finally:
+            self.notifier.stopping()
+            self._stop_relays(list(self._running))
+            for lock in self._locks.values():
+                lock.release()
+            self._locks.clear()
+            if self.metrics is not None:
+                self.metrics.close()
+            self.notifier.close()
+        return self.exit_status
+
+    exit_status = EX_OK
+
+    # -- the supervisor's turn ------------------------------------------------------------
+
+    def _tick(self) -> float | None:
+        """Do what is due; return how long to wait for the next event, or None to exit."""
+        if self._reload:
+            self._reload = False
+            self._do_reload()
+        if self._scan:
+            self._scan = False
+            for running in self._running.values():
+                running.relay.wake()
+            self._next_sync = 0.0
+        self._reap()
+        if self._stop:
+            return 0.0
+        now = self.monotonic()
+        globs = any(is_glob(q.queue_path) for q in self.config.queue_configs)
+        if now >= self._next_sync:
+            self._sync()
+            self._next_sync = now + self.config.poll_interval
+        if not self._running and not self._said and not globs:
+            self.exit_status = max(self._ended.values(), default=EX_OK)
+            return None  # every queue's relay has given up, and none can appear
+        if not self._ready and all(r.relay.open_attempted for r in self._running.values()):
+            self._ready = True
+            self.notifier.ready(self._status_line())
+            self.log.info("service_ready", queues=len(self._running), waiting=len(self._said))
+        deadlines = []
+        if globs or self._said:  # look for new matches, or try waiting queues again
+            deadlines.append(self._next_sync)
+        if self.notifier.enabled or self.metrics is not None:
+            if now >= self._next_status:
+                self._next_status = now + STATUS_EVERY
+                self._publish_status()
+            deadlines.append(self._next_status)
+        interval = self.notifier.watchdog_interval
+        if interval:
+            if now >= self._next_ping:
+                if self._healthy(now, interval):
+                    self.notifier.watchdog()
+                self._next_ping = now + interval
+            deadlines.append(self._next_ping)
+        return max(0.0, min(deadlines) - now) if deadlines else 3600.0
+
+    def _healthy(self, now: float, interval: float) -> bool:
+        """Every relay's loop has turned within the watchdog interval (a hung one gets
+        no ping, so systemd restarts the process)."""
+        healthy = True
+        for path, running in self._running.items():
+            stalled = running.thread.is_alive() and now - running.relay.heartbeat > interval
+            if stalled and path not in self._said_stalled:
+                self.log.critical("relay_stalled", queue=str(path), seconds=round(now - running.relay.heartbeat, 1),
+                                  note="no watchdog ping: systemd will restart mailrelayd")
+                self._said_stalled.add(path)
+            healthy = healthy and not stalled
+        return healthy
+
+    def _reap(self) -> None:
+        """Forget relays that ended by themselves (their queue can never work, or a bug)."""
+        for path, running in list(self._running.items()):
+            if running.thread.is_alive():
+                continue
+            del self._running[path]
+            running.relay.transport.close()
+            if running.status == EX_SOFTWARE:
+                self.exit_status = EX_SOFTWARE
+                self.request_stop()  # a bug: stop, so that a supervisor restarts a clean process
+            else:
+                self._ended[path] = running.status or EX_OK
+
+    # -- queues: which should run, and starting and stopping them -------------------------
+
+    def _sync(self, prebuilt: dict[Path, Relay] | None = None) -> None:
+        """Run a relay for each queue the config names now, with that queue's settings."""
+        wanted = {q.queue_path.absolute(): q for q in expand(self.config)}
+        outdated = [p for p, r in self._running.items() if wanted.get(p) != r.config]
+        self._stop_relays(outdated)
+        for path in list(self._locks):
+            if path not in wanted:
+                self._locks.pop(path).release()
+        for path in list(self._said):
+            if path not in wanted:
+                del self._said[path]
+        for path, queue in wanted.items():
+            if path in self._running or path in self._ended:
+                continue
+            held_by = self._lock(queue)
+            if held_by is not None and not self.config.allow_concurrent:
+                self._say(path, "queue_held", f"relayed by another mailrelayd (pid {held_by})",
+                          pid=held_by, note="taken when it lets go")
+                continue
+            if path not in self._locks and held_by is None:
+                continue  # no lock yet: its directory is missing (logged)
+            relay = (prebuilt or {}).pop(path, None) or self._build(queue)
+            if relay is None:
+                continue
+            self._said.pop(path, None)
+            self._start(path, queue, relay)
+        for relay in (prebuilt or {}).values():
+            relay.transport.close()
+
+    def _lock(self, queue: Config) -> int | None:
+        """Take the queue's lock unless held: None when ours (or its directory is missing:
+        logged), else the holder's pid."""
+        path = queue.queue_path.absolute()
+        if path in self._locks:
+            return None
+        lock = QueueLock(self.lock_path(queue))
+        try:
+            held_by = lock.acquire()
+        except OSError as e:
+            self._say(path, "queue_unavailable", f"cannot take {lock.path}: {e.strerror or e}",
+                      note="tried again every poll interval")
+            return None
+        if held_by is None:
+            self._locks[path] = lock
+        return held_by
+
+    def _build(self, queue: Config) -> Relay | None:
+        try:
+            relay = self.build_relay(queue)
+        except ConfigError as e:
+            self._say(queue.queue_path.absolute(), "queue_not_started", str(e))
+            return None
+        return relay
+
+    def _start(self, path: Path, queue: Config, relay: Relay) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval:
+            relay.max_sleep = interval / 2
+        if self.notifier.enabled or self.metrics is not None:
+            relay.stats_every = STATUS_EVERY
+        if self.metrics is not None:
+            relay.observer = self.metrics.delivery
+        relay.on_change = lambda: self._events.put(None)
+        running = _Running(queue, relay, None)
+        running.thread = threading.Thread(target=self._run_relay, args=(running,), name=f"relay {path.name}")
+        self._running[path] = running
+        running.thread.start()
+
+    def _run_relay(self, running: _Running) -> None:
+        try:
+            running.status = running.relay.run()
+        except BaseException as e:  # a bug: say so, and let the supervisor stop the process
+            self.log.critical("relay_crashed", queue=running.relay.queue.name, error=repr(e))
+            running.status = EX_SOFTWARE
+        finally:
+            self._events.put(None)
+
+    def _stop_relays(self, paths: list[Path]) -> None:
+        """Stop these relays and wait for their deliveries in flight, pinging the watchdog."""
+        stopping = [self._running.pop(p) for p in paths if p in self._running]
+        for running in stopping:
+            running.relay.stop()
+        for running in stopping:
+            while running.thread.is_alive():
+                running.thread.join(timeout=self.notifier.watchdog_interval or None)
+                self.notifier.watchdog()
+            running.relay.transport.close()
+            if self.metrics is not None:
+                self.metrics.forget(running.relay.queue.name)
+
+    def _say(self, path: Path, event: str, problem: str, **context) -> None:
+        if self._said.get(path) != problem:
+            self.log.error(event, queue=str(path), error=problem, **context)
+            self._said[path] = problem
+
+    # -- reload -------------------------------------------------------------------------
+
+    def _do_reload(self) -> None:
+        error = logmod.reopen()
+        if error:
+            self.log.error("log_reopen_failed", error=error)
+        try:
+            new = self.reload_config()
+            prebuilt = {}
+            for queue in expand(new):  # every changed queue's transport must build, or nothing changes
+                path = queue.queue_path.absolute()
+                running = self._running.get(path)
+                if running is None or running.config != queue:
+                    prebuilt[path] = self.build_relay(queue)
+        except ConfigError as e:
+            self.log.error("config_reload_failed", error=str(e), note="the running configuration stays in force")
+            for relay in locals().get("prebuilt", {}).values():
+                relay.transport.close()
+            return
+        self.notifier.reloading()
+        if (new.log_format, new.log_level) != (self.config.log_format, self.config.log_level):
+            self.configure_log(new)
+        for key in ("log_file", "syslog", "metrics", "pidfile", "daemon"):
+            if getattr(new, key) != getattr(self.config, key):
+                self.log.warning("setting_needs_restart", key=key, note="the running value stays until a restart")
+                new = replace(new, **{key: getattr(self.config, key)})
+        self._ended.clear()
+        self.config = new
+        self._sync(prebuilt)
+        self.notifier.ready(self._status_line())
+        self.log.info("config_reloaded", queues=len(self._running), waiting=len(self._said))
+
+    # -- status ---------------------------------------------------------------------------
+
+    def _publish_status(self) -> None:
+        self.notifier.status(self._status_line())
+        if self.metrics is not None:
+            for running in self._running.values():
+                if running.relay.stats is not None:
+                    self.metrics.queue_stats(running.relay.queue.name, running.relay.stats)
+
+    def _status_line(self) -> str:
+        relays = [r.relay for r in self._running.values()]
+        stats = [r.stats for r in relays if r.stats is not None]
+        totals = [r.totals for r in relays]
+        line = f"{len(relays)} queue{'s' * (len(relays) != 1)}"
+        if self._said:
+            line += f" ({len(self._said)} waiting)"
+        if stats:
+            line += (f": {sum(s.queued for s in stats)} queued, {sum(s.deferred for s in stats)} deferred,"
+                     f" {sum(s.failed for s in stats)} failed")
+        return line + (f"; since start {sum(t.sent for t in totals)} sent, {sum(t.deferred for t in totals)}"
+                       f" deferred, {sum(t.failed for t in totals)} set aside")

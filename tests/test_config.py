@@ -1,0 +1,100 @@
+"""Many queues in one config: [[queue]] tables, per-queue settings, globs, and their errors."""
+
+from pathlib import Path
+
+import pytest
+
+from mailrelayd.config import ConfigError, build, expand
+from conftest import run_cli
+
+
+def test_each_queue_table_takes_the_top_level_settings_and_its_own():
+    """A [[queue]] table's keys override the top-level ones for that queue only."""
+    config = build({"workers": 2, "envelope_from": "relay@example.org",
+                    "queue": [{"db": "/srv/a/emailqueue.db"}, {"spool": "/srv/b/spool", "workers": 8}]}, {})
+    first, second = config.queue_configs
+    assert (first.db, first.workers, first.envelope_from) == (Path("/srv/a/emailqueue.db"), 2, "relay@example.org")
+    assert (second.spool, second.workers, second.envelope_from) == (Path("/srv/b/spool"), 8, "relay@example.org")
+
+
+def test_a_queue_table_may_choose_its_own_way_to_deliver():
+    """A table's smtp_server replaces the top-level command for that queue, without a conflict."""
+    config = build({"command": "/usr/bin/msmtp -t",
+                    "queue": [{"db": "/a.db"}, {"db": "/b.db", "smtp_server": "mail.example.org"}]}, {})
+    first, second = config.queue_configs
+    assert first.command == ("/usr/bin/msmtp", "-t") and first.smtp_server is None
+    assert second.smtp_server == "mail.example.org"
+
+
+def test_flags_win_over_every_queue_table():
+    """A flag such as --workers applies to every queue, over the tables."""
+    config = build({"queue": [{"db": "/a.db", "workers": 8}, {"db": "/b.db"}]}, {"workers": "3"})
+    assert [q.workers for q in config.queue_configs] == [3, 3]
+
+
+def test_a_db_flag_names_the_one_queue_instead_of_the_tables():
+    """--db given with a config of [[queue]] tables means that queue alone (as admin commands use it)."""
+    config = build({"queue": [{"db": "/a.db"}, {"db": "/b.db"}]}, {"db": "/c.db"})
+    assert [q.db for q in config.queue_configs] == [Path("/c.db")]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"queue": [{"db": "/a.db", "log_file": "/x.log"}]}, "log_file applies to the whole process"),
+    ({"queue": [{"db": "/a.db", "metrics": "127.0.0.1:9464"}]}, "metrics applies to the whole process"),
+    ({"db": "/a.db", "queue": [{"db": "/b.db"}]}, "not both"),
+    ({"queue": [{"db": "/a.db"}, {"db": "/a.db"}]}, "already another queue"),
+    ({"queue": [{"workers": 2}]}, "give one queue"),
+    ({"queue": [{"db": "/a.db", "workers": "many"}]}, "workers in [[queue]] 1"),
+    ({"queue": "not tables"}, "[[queue]] tables"),
+    ({"queue": [{"spool": "/srv/*/spool", "state_dir": "/var/state"}]}, "spool glob"),
+])
+def test_bad_queue_tables_are_refused_with_one_line(values, message):
+    """Each mistake in [[queue]] tables is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=None) as e:
+        build(values, {}, "relay.toml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_glob_expands_to_the_queues_that_exist_now(tmp_path):
+    """db = "/srv/jails/*/emailqueue.db" stands for each matching file, in order."""
+    for jail in ("b", "a"):
+        (tmp_path / jail).mkdir()
+        (tmp_path / jail / "emailqueue.db").touch()
+    (tmp_path / "empty").mkdir()
+    config = build({"queue": [{"db": f"{tmp_path}/*/emailqueue.db", "workers": 2}]}, {})
+    found = expand(config)
+    assert [q.db for q in found] == [tmp_path / "a" / "emailqueue.db", tmp_path / "b" / "emailqueue.db"]
+    assert all(q.workers == 2 for q in found)
+
+
+def test_a_spool_glob_skips_state_directories(tmp_path):
+    """spool = "/srv/*/spool*" never takes a spool's own state directory (SPOOL.mailrelayd) for a spool."""
+    (tmp_path / "a" / "spool").mkdir(parents=True)
+    (tmp_path / "a" / "spool.mailrelayd").mkdir()
+    config = build({"spool": f"{tmp_path}/*/spool*"}, {})
+    assert [q.spool for q in expand(config)] == [tmp_path / "a" / "spool"]
+
+
+def test_bad_queue_table_exits_78_with_one_line(tmp_path):
+    """The command line reports a bad [[queue]] table with one line and exit status 78."""
+    config = tmp_path / "relay.toml"
+    config.write_text('[[queue]]\ndb = "/a.db"\npidfile = "/run/x.pid"\n')
+    result = run_cli("--drain", "--config", str(config))
+    assert result.returncode == 78
+    assert result.stderr.count("\n") == 1 and "pidfile applies to the whole process" in result.stderr
+
+
+def test_drain_empties_every_queue_and_reports_the_worst_status(tmp_path, fake_sendmail):
+    """--drain with two queues sends both queues' mail and exits 0."""
+    from conftest import SqliteHarness, fossil_message
+
+    first = SqliteHarness(tmp_path / "a" / "emailqueue.db")
+    second = SqliteHarness(tmp_path / "b" / "emailqueue.db")
+    first.enqueue(fossil_message(subject="one"))
+    second.enqueue(fossil_message(subject="two"))
+    config = tmp_path / "relay.toml"
+    config.write_text(f'command = "{fake_sendmail.path} -ti"\n[[queue]]\ndb = "{first.path}"\n'
+                      f'[[queue]]\ndb = "{second.path}"\n')
+    result = run_cli("--drain", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert len(fake_sendmail.calls()) == 2 and first.queued() == second.queued() == 0
