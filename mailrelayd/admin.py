@@ -379,6 +379,8 @@ def status_all(queues: list, args, now: float) -> int:
         "oldest_queued_s": max((r["oldest_queued_s"] for r in reports if r["oldest_queued_s"] is not None),
                                default=None),
         "next_try": min((r["next_try"] for r in reports if r["next_try"] is not None), default=None),
+        # one process relaying every queue (as one daemon with [[queue]] tables does): its pid
+        "relay_pid": pids.pop() if len(pids := {r["relay_pid"] for r in reports}) == 1 else None,
         "queues": reports,
     }
     if args.json:
