@@ -18,12 +18,12 @@ import socket
 import sqlite3
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from email.header import Header
 from pathlib import Path
 
 from mailrelayd.admin import EX_CONFIG, EX_NOINPUT, EX_USAGE, SpoolAdmin, SqliteAdmin, _one_line, _when
-from mailrelayd.config import Config, ConfigError
+from mailrelayd.config import PROCESS_KEYS, Config, ConfigError, expand, is_glob
 from mailrelayd.inject import enqueue, is_plain_address
 from mailrelayd.queues.sqlite import SqliteQueue
 
@@ -55,11 +55,16 @@ def _state_dir(config: Config) -> Path | None:
     return (config.state_dir or spool.with_name(spool.name + ".mailrelayd")).absolute()
 
 
-def effective_lines(config: Config) -> list[str]:
-    """Every key = value, TOML-like; unset keys commented; the password file by path only."""
+def effective_lines(config: Config, base: Config | None = None) -> list[str]:
+    """Every key = value, TOML-like; unset keys commented; the password file by path only.
+    With `base` (the top level, for a [[queue]] table): only what differs from it."""
     lines = []
     for f in fields(Config):
+        if f.name == "queues" or f.name in PROCESS_KEYS and base is not None:
+            continue
         value = getattr(config, f.name)
+        if base is not None and (value is None or value == getattr(base, f.name) and f.name not in ("db", "spool")):
+            continue
         if f.name == "state_dir" and config.spool:
             value = _state_dir(config)
         if value is None:
@@ -159,7 +164,16 @@ def queue_problems(config: Config) -> list[str]:
 def check_config(config: Config, args) -> int:
     for line in effective_lines(config):
         print(line)
-    problems = transport_problems(config) + queue_problems(config)
+    problems = []
+    for table in config.queues:
+        print("\n[[queue]]")
+        for line in effective_lines(table, base=config):
+            print(line)
+        if is_glob(table.queue_path):
+            matches = [q.queue_path for q in expand(replace(config, queues=(table,)))]
+            print(f"# matches now: {', '.join(map(str, matches)) or 'nothing (picked up when it appears)'}")
+    for queue in expand(config):
+        problems += [p for p in transport_problems(queue) + queue_problems(queue) if p not in problems]
     for problem in problems:
         print(f"mailrelayd: {problem}", file=sys.stderr)
     if problems:
@@ -320,7 +334,12 @@ def main(command: str, argv: list[str]) -> int:
     if isinstance(loaded, int):
         return loaded
     args, config = loaded
-    return check_config(config, args) if command == "check-config" else test_message(config, args)
+    if command == "check-config":
+        return check_config(config, args)
+    if config.queues or is_glob(config.queue_path):
+        print("mailrelayd: test-message works on one queue: name it with --db or --spool", file=sys.stderr)
+        return EX_USAGE
+    return test_message(config, args)
 
 
 _HELP = {

@@ -7,6 +7,7 @@ left), the relay still finds new mail by polling.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,15 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 _WAKING_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent]
+
+
+def _not_the_stop_race(record: logging.LogRecord) -> bool:
+    """watchdog logs this error when an observer stops while an event is being read (a
+    relay stopping at a reload): harmless, and not worth a line on stderr."""
+    return "called when the thread is inactive" not in str(record.msg)
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_not_the_stop_race)
 
 
 class _Handler(FileSystemEventHandler):

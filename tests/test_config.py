@@ -98,3 +98,28 @@ def test_drain_empties_every_queue_and_reports_the_worst_status(tmp_path, fake_s
     result = run_cli("--drain", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert len(fake_sendmail.calls()) == 2 and first.queued() == second.queued() == 0
+
+
+def test_check_config_shows_each_queue_table_and_checks_every_queue(tmp_path):
+    """check-config prints each [[queue]] table's own settings and a glob's matches, and lists every queue's problem."""
+    from conftest import SqliteHarness
+
+    good = SqliteHarness(tmp_path / "a" / "emailqueue.db")
+    config = tmp_path / "relay.toml"
+    config.write_text(f'command = "/bin/true"\n[[queue]]\ndb = "{good.path}"\nworkers = 2\n'
+                      f'[[queue]]\ndb = "{tmp_path}/missing/emailqueue.db"\n'
+                      f'[[queue]]\ndb = "{tmp_path}/*/emailqueue.db"\n')
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 78
+    assert result.stdout.count("[[queue]]") == 3 and "workers = 2" in result.stdout
+    assert f"# matches now: {good.path}" in result.stdout
+    assert result.stderr.splitlines() == [f"mailrelayd: queue directory {tmp_path}/missing: no such directory",
+                                          f"mailrelayd: queue {tmp_path}/missing/emailqueue.db: no such file"]
+
+
+def test_test_message_needs_one_queue(tmp_path):
+    """test-message with several queues configured asks for --db or --spool (exit 64)."""
+    config = tmp_path / "relay.toml"
+    config.write_text('[[queue]]\ndb = "/a.db"\n[[queue]]\ndb = "/b.db"\n')
+    result = run_cli("test-message", "bob@example.com", "--config", str(config))
+    assert result.returncode == 64 and "--db or --spool" in result.stderr
