@@ -31,7 +31,7 @@ def test_memory_and_fds_stay_flat_through_100k_messages_and_reloads(tmp_path, da
     settings = [f'db = "{harness.path}"\nworkers = {n}\n' for n in (4, 3)]
     config.write_text(settings[0])
     d = daemon("--config", str(config), "--poll-interval", "1h", "--log-level", "warning", command="/bin/true")
-    wait_until(lambda: harness.path.with_name("emailqueue.db.mailrelayd.lock").exists(), what="the daemon's lock")
+    wait_until(lambda: _has_sentlog(harness.path), what="the daemon to open the queue")
     data = fossil_message(subject="soak", body="x" * 2000 + "\r\n")
     per_batch = MESSAGES // BATCHES
     reloads = 0
@@ -55,3 +55,8 @@ def test_memory_and_fds_stay_flat_through_100k_messages_and_reloads(tmp_path, da
 def _sent(path: Path) -> int:
     with sqlite3.connect(path, timeout=5) as conn:
         return conn.execute("SELECT count(*) FROM sentlog").fetchone()[0]
+
+
+def _has_sentlog(path: Path) -> bool:
+    with sqlite3.connect(path, timeout=5) as conn:
+        return conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sentlog'").fetchone()[0] == 1
