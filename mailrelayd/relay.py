@@ -103,7 +103,6 @@ class Relay:
         self.stats_every: float | None = None  # refresh `stats` this often when set
         self.stats = None  # QueueStats, from the relay's own thread
         self.totals = DrainReport()  # what `run` has done so far
-        self.opened = False  # `run` has opened the queue and set its watch
         self.open_attempted = False  # `run` has tried to open the queue once (it may be waiting for it)
         self.on_change: Callable[[], None] = lambda: None  # called when open_attempted becomes true
         self._next_stats = 0.0
@@ -152,7 +151,7 @@ class Relay:
         except QueueError:
             return None
 
-    def run(self, on_ready: Callable[[], None] = lambda: None) -> int:
+    def run(self) -> int:
         """Relay until `stop()`: wake on file events, SIGUSR1 (`wake`) and every poll interval.
 
         Returns the exit status: 0, or 66 when the queue's set-up can never work."""
@@ -180,9 +179,7 @@ class Relay:
                 self._wait(min(self.poll_interval, self.max_sleep or self.poll_interval))
         if not self._stopping:
             self.log.info("relay_started", workers=self.workers, file_events=watcher.running)
-            self.opened = True
             self._attempted()
-            on_ready()
             self._maintain()
             self._loop(self.totals, until_idle=False, watcher=watcher)
         watcher.stop()

@@ -66,6 +66,7 @@ class Service:
         self._events: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
         self._stop = self._reload = self._scan = False
         self._ready = False
+        self.exit_status = EX_OK
         self._next_sync = self._next_status = self._next_ping = 0.0
         self._said_stalled: set[Path] = set()
 
@@ -103,11 +104,8 @@ class Service:
 
     def run(self) -> int:
         """Supervise until stopped; the exit status."""
-        if self.notifier.watchdog_interval:
-            self._next_ping = self.monotonic()
         try:
-            self._sync()
-            while not self._stop:
+            while not self._stop:  # the first turn starts the relays
                 timeout = self._tick()
                 if timeout is None:
                     break
@@ -125,8 +123,6 @@ class Service:
                 self.metrics.close()
             self.notifier.close()
         return self.exit_status
-
-    exit_status = EX_OK
 
     # -- the supervisor's turn ------------------------------------------------------------
 
@@ -284,8 +280,9 @@ class Service:
             running.relay.stop()
         for running in stopping:
             while running.thread.is_alive():
-                running.thread.join(timeout=self.notifier.watchdog_interval or None)
-                self.notifier.watchdog()
+                running.thread.join(timeout=self.notifier.watchdog_interval)
+                if self.notifier.watchdog_interval:
+                    self.notifier.watchdog()
             running.relay.transport.close()
             if self.metrics is not None:
                 self.metrics.forget(running.relay.queue.name)
@@ -301,9 +298,9 @@ class Service:
         error = logmod.reopen()
         if error:
             self.log.error("log_reopen_failed", error=error)
+        prebuilt: dict[Path, Relay] = {}
         try:
             new = self.reload_config()
-            prebuilt = {}
             for queue in expand(new):  # every changed queue's transport must build, or nothing changes
                 path = queue.queue_path.absolute()
                 running = self._running.get(path)
@@ -311,7 +308,7 @@ class Service:
                     prebuilt[path] = self.build_relay(queue)
         except ConfigError as e:
             self.log.error("config_reload_failed", error=str(e), note="the running configuration stays in force")
-            for relay in locals().get("prebuilt", {}).values():
+            for relay in prebuilt.values():
                 relay.transport.close()
             return
         self.notifier.reloading()
