@@ -1,3 +1,5 @@
-from mailrelayd.cli import main
+import sys
 
-raise SystemExit(main())
+from mailrelayd.cli import run
+
+sys.exit(run())

@@ -140,6 +140,9 @@ def _duration(minimum: float) -> Callable[[Any], float]:
     return parse
 
 
+parse_duration = _duration(0)
+
+
 def _exit_codes(value: Any) -> frozenset[int]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from email.header import decode_header, make_header
-from email.utils import getaddresses
+from email.utils import getaddresses, parsedate_to_datetime
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _FIELD_LINE = re.compile(rb"[!-9;-~]+:")
@@ -163,3 +163,15 @@ def _decoded(value: str) -> str:
 
 def _printable(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8", "replace")
+
+
+def date_header(data: bytes, now: float) -> float | None:
+    """The message's Date: as unix time, if it has a plausible one (not after `now`)."""
+    for line in header_block(data).decode("utf-8", "replace").splitlines():
+        if line.lower().startswith("date:"):
+            try:
+                when = parsedate_to_datetime(line[5:].strip()).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+            return when if when <= now else None
+    return None

@@ -1,14 +1,18 @@
-"""Failure notices: the short message `notify_failed` sends the administrator.
+"""Messages mailrelayd writes itself: failure notices to the administrator, and the
+test message of `mailrelayd test-message`.
 
-A notice is queued into the same queue as the message it is about, so it is retried,
-logged and set aside like any other; it carries `X-Mailrelayd-Notice`, and a notice that
-fails is never the subject of another. It names the message, never quotes its body.
+A failure notice is queued into the same queue as the message it is about, so it is
+retried, logged and set aside like any other; it carries `X-Mailrelayd-Notice`, and a
+notice that fails is never the subject of another. It names the message, never quotes
+its body. Both are built with the email package (CRLF lines, UTF-8, RFC 2047 headers).
 """
 
 from __future__ import annotations
 
 import email.utils
-from email.header import Header
+import socket
+from email.message import EmailMessage
+from email.policy import SMTP
 
 from mailrelayd.message import Envelope, header_block
 
@@ -21,41 +25,49 @@ def is_notice(data: bytes) -> bool:
 
 
 def _one_line(text: str | None, limit: int) -> str:
-    text = " ".join(str(text or "").split())
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(text or "")).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _header(name: str, value: str) -> str:
-    if not value.isascii():
-        value = Header(value, "utf-8").encode()
-    return f"{name}: {value}\r\n"
+def _message(sender: str, to: str, subject: str, now: float | None) -> EmailMessage:
+    msg = EmailMessage(policy=SMTP)
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["From"] = sender
+    msg["Date"] = email.utils.formatdate(now, localtime=True)
+    msg["Message-Id"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or socket.getfqdn())
+    return msg
 
 
 def failure_notice(to: str, queue: str, message_id: int | str, envelope: Envelope | None, reason: str,
                    now: float) -> bytes:
-    """The notice (CRLF lines, UTF-8) about message `message_id` of `queue`, set aside for `reason`."""
+    """The notice to `to` about message `message_id` of `queue`, set aside for `reason`."""
     subject = _one_line(envelope.subject if envelope else None, 100) or "(no subject)"
     recipients = ", ".join(envelope.recipients) if envelope and envelope.recipients else "(none found)"
-    head = (
-        _header("From", f"mailrelayd <{to}>")
-        + _header("To", to)
-        + _header("Subject", f"[mailrelayd] undeliverable: {subject}")
-        + _header("Date", email.utils.formatdate(now, localtime=True))
-        + _header("Message-ID", email.utils.make_msgid("mailrelayd"))
-        + _header("Auto-Submitted", "auto-generated")
-        + _header(NOTICE_HEADER, "failed")
-        + "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
-    )
-    body = (
+    msg = _message(f"mailrelayd <{to}>", to, f"[mailrelayd] undeliverable: {subject}", now)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg[NOTICE_HEADER] = "failed"
+    msg.set_content(
         "mailrelayd could not deliver a message and has set it aside.\n\n"
-        f"Queue:      {queue}\n"
-        f"Message:    {message_id}\n"
+        f"Queue:      {_one_line(queue, 500)}\n"
+        f"Message:    {_one_line(str(message_id), 300)}\n"
         f"Recipients: {_one_line(recipients, 500)}\n"
         f"Subject:    {subject}\n"
         f"Reason:     {_one_line(reason, 1000)}\n\n"
         "It is kept until you act. With the options you run mailrelayd with (--config, --db or --spool):\n"
         "  mailrelayd list --failed            shows it and its id\n"
         "  mailrelayd retry --failed ID        puts it back in the queue once the cause is fixed\n"
-        "  mailrelayd purge --failed           deletes what is set aside\n"
-    )
-    return (head + "\r\n" + body.replace("\n", "\r\n")).encode("utf-8")
+        "  mailrelayd purge --failed           deletes what is set aside\n",
+        charset="utf-8", cte="8bit")
+    return msg.as_bytes()
+
+
+def probe_message(sender: str, recipients: list[str], subject: str, body: str) -> bytes:
+    """A message shaped like Fossil's: CRLF lines, UTF-8 text, quoted-printable. ValueError
+    if the subject is not one printable line."""
+    if not subject.isprintable():
+        raise ValueError("the subject must be one printable line")
+    msg = _message(sender, ", ".join(recipients), subject, None)
+    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    msg.set_content(text if text.endswith("\n") else text + "\n", charset="utf-8", cte="quoted-printable")
+    return msg.as_bytes()

@@ -199,6 +199,12 @@ def queue_harness(request, tmp_path):
 
 
 @pytest.fixture
+def spool_harness(tmp_path):
+    """For behaviour particular to a spool directory."""
+    return SpoolHarness(tmp_path)
+
+
+@pytest.fixture
 def sqlite_harness(tmp_path):
     """For behaviour particular to Fossil's SQLite queue."""
     return SqliteHarness(tmp_path / "emailqueue.db")
@@ -238,6 +244,23 @@ def make_relay(fake_sendmail, clock):
     yield make
     for relay in relays:
         relay.queue.close()
+
+
+@pytest.fixture
+def relay_pass(queue_harness, fake_sendmail):
+    """relay_pass(status): one drain pass over the harness's queue with sendmail exiting `status`."""
+    def run(status: int = 0, **queue_options):
+        fake_sendmail.exit_with(status, say="sendmail says no" if status else "")
+        transport = PipeTransport((str(fake_sendmail.path), "-ti"), 10.0, frozenset({65, 67}))
+        if queue_harness.kind == "spool":
+            queue_options.setdefault("settle", 0)  # files written just now are complete
+        relay = Relay(queue_harness.open_queue(**queue_options), transport)
+        try:
+            return relay.drain()
+        finally:
+            transport.close()
+            relay.queue.close()
+    return run
 
 
 def run_cli(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:

@@ -1,4 +1,8 @@
-"""The admin commands (status, list, show, retry, purge) on real queues made by real drains."""
+"""The admin commands (status, list, show, retry, purge) as the command line prints them.
+
+They run in process (`mailrelayd.cli.main`), over queues made by real drains through the
+fake sendmail; what the queue does underneath is tested in test_queue_admin.py.
+"""
 
 import json
 import os
@@ -6,40 +10,63 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+
+import pytest
 
 from conftest import ROOT, fossil_message, run_cli
+from mailrelayd import cli
 
 
-def drain(harness, fake_sendmail, status=0):
-    fake_sendmail.exit_with(status, say="sendmail says no" if status else "")
-    return run_cli("--drain", *harness.cli_args, "--command", f"{fake_sendmail.path} -ti", "--log-format", "json")
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def admin(harness, *args):
-    return run_cli(*args, *harness.cli_args)
+@pytest.fixture
+def admin(capsys):
+    """admin(harness, *args): run `mailrelayd ARGS` in process on the harness's queue."""
+    def run(harness, *args, queue_args=True):
+        capsys.readouterr()
+        code = cli.main([*args, *(harness.cli_args if queue_args else [])])
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+    return run
 
 
-def status_json(harness):
-    result = admin(harness, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+@pytest.fixture
+def status_json(admin):
+    def run(harness, *extra):
+        result = admin(harness, "status", "--json", *extra)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+    return run
 
 
-def make_deferred(harness, fake_sendmail, to="bob@example.com"):
-    harness.enqueue(fossil_message(to=to, subject=f"Deferred {to}"))
-    assert drain(harness, fake_sendmail, 75).returncode == 75
+@pytest.fixture
+def make_deferred(queue_harness, relay_pass):
+    def make(to="bob@example.com"):
+        queue_harness.enqueue(fossil_message(to=to, subject=f"Deferred {to}"))
+        assert relay_pass(75).exit_status == 75
+    return make
 
 
-def make_failed(harness, fake_sendmail, to="bob@example.com"):
-    harness.enqueue(fossil_message(to=to, subject=f"Failed {to}"))
-    assert drain(harness, fake_sendmail, 65).returncode == 65
+@pytest.fixture
+def make_failed(queue_harness, relay_pass):
+    def make(to="bob@example.com"):
+        queue_harness.enqueue(fossil_message(to=to, subject=f"Failed {to}"))
+        assert relay_pass(65).exit_status == 65
+    return make
 
 
 def ids(result):
-    return [line.split()[0] for line in result.stdout.splitlines() if not line.startswith("--")]
+    """The message ids `list` printed: its lines but the header and the count."""
+    return [line.split()[0] for line in result.stdout.splitlines()[1:] if not line.startswith("--")]
 
 
-def test_status_json_schema(queue_harness):
+def test_status_json_schema(queue_harness, status_json):
     """`status --json` prints exactly the documented keys with the documented types."""
     queue_harness.enqueue(fossil_message())
     report = status_json(queue_harness)
@@ -53,27 +80,26 @@ def test_status_json_schema(queue_harness):
     assert report["relay_pid"] is None and report["next_try"] is None
 
 
-def test_status_counts_new_deferred_and_failed(queue_harness, fake_sendmail):
+def test_status_counts_new_deferred_and_failed(queue_harness, status_json, make_deferred, make_failed):
     """status counts a deferred and a failed message made by real drains, and a new one."""
-    make_deferred(queue_harness, fake_sendmail, "a@example.com")
-    make_failed(queue_harness, fake_sendmail, "b@example.com")
+    make_deferred("a@example.com")
+    make_failed("b@example.com")
     queue_harness.enqueue(fossil_message(to="c@example.com"))
     report = status_json(queue_harness)
     assert (report["queued"], report["deferred"], report["failed"]) == (1, 1, 1)
 
 
-def test_status_counts_sent_in_last_day(queue_harness, fake_sendmail):
+def test_status_counts_sent_in_last_day(queue_harness, status_json, relay_pass):
     """sent_24h counts sentlog rows (SQLite) or kept sent files (spool with keep_sent), else null."""
     queue_harness.enqueue(fossil_message())
-    extra = ["--keep-sent"] if queue_harness.kind == "spool" else []
-    assert run_cli("--drain", *queue_harness.cli_args, *extra, "--command", f"{fake_sendmail.path} -ti").returncode == 0
-    result = run_cli("status", "--json", *queue_harness.cli_args, *extra)
-    assert json.loads(result.stdout)["sent_24h"] == 1
+    spool = queue_harness.kind == "spool"
+    assert relay_pass(0, **({"keep_sent": True} if spool else {})).exit_status == 0
+    assert status_json(queue_harness, *(["--keep-sent"] if spool else []))["sent_24h"] == 1
     if queue_harness.kind == "spool":
         assert status_json(queue_harness)["sent_24h"] is None
 
 
-def test_status_oldest_age_of_a_new_message(queue_harness):
+def test_status_oldest_age_of_a_new_message(queue_harness, status_json):
     """oldest_queued_s is known even for a message no relay has seen yet."""
     message = fossil_message().replace(b"Date: Sun, 22 Nov 2026 03:41:57 +0000",
                                        time.strftime("Date: %a, %d %b %Y %H:%M:%S +0000",
@@ -85,17 +111,17 @@ def test_status_oldest_age_of_a_new_message(queue_harness):
     assert 3500 < status_json(queue_harness)["oldest_queued_s"] < 3700
 
 
-def test_status_human_table(queue_harness, fake_sendmail):
+def test_status_human_table(queue_harness, admin, make_deferred):
     """Without --json, status prints one labelled line per figure, naming the next try."""
-    make_deferred(queue_harness, fake_sendmail)
+    make_deferred()
     out = admin(queue_harness, "status").stdout
     assert out.splitlines()[0].split()[0] == "queue"
     assert "next try" in out and "deferred       1" in out
 
 
-def test_status_json_names_next_try(queue_harness, fake_sendmail):
+def test_status_json_names_next_try(queue_harness, status_json, make_deferred):
     """`status --json` gives the deferred message's next try as unix time, in the future."""
-    make_deferred(queue_harness, fake_sendmail)
+    make_deferred()
     next_try = status_json(queue_harness)["next_try"]
     assert type(next_try) is float and next_try > time.time()
 
@@ -115,7 +141,7 @@ def queue_lock_path(harness):
     return harness.path.with_name(harness.path.name + ".mailrelayd.lock")
 
 
-def test_status_names_the_relay_holding_the_lock(queue_harness):
+def test_status_names_the_relay_holding_the_lock(queue_harness, admin, status_json):
     """relay_pid is the pid of the process holding the queue's lock file."""
     queue_harness.enqueue(fossil_message())
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(queue_lock_path(queue_harness))],
@@ -130,59 +156,57 @@ def test_status_names_the_relay_holding_the_lock(queue_harness):
     assert status_json(queue_harness)["relay_pid"] is None
 
 
-def test_status_says_none_without_a_relay(queue_harness):
+def test_status_says_none_without_a_relay(queue_harness, admin):
     """Without a relay holding the lock, the table says relay_pid none."""
     queue_harness.enqueue(fossil_message())
     assert "relay_pid      none\n" in admin(queue_harness, "status").stdout
 
 
-def test_status_of_missing_queue_exits_66(tmp_path):
+def test_status_of_missing_queue_exits_66(tmp_path, admin):
     """A queue that cannot be read: exit 66 with one line."""
-    result = run_cli("status", "--db", str(tmp_path / "missing.db"))
+    result = admin(None, "status", "--db", str(tmp_path / "missing.db"), queue_args=False)
     assert result.returncode == 66 and len(result.stderr.splitlines()) == 1
 
 
-def test_list_shows_everything_still_to_send(queue_harness, fake_sendmail):
+def test_list_shows_everything_still_to_send(queue_harness, admin, make_deferred):
     """list without a flag shows new and deferred messages, with sender, recipients, attempts and error."""
-    make_deferred(queue_harness, fake_sendmail, "a@example.com")
+    make_deferred("a@example.com")
     queue_harness.enqueue(fossil_message(to="c@example.com"))
     lines = admin(queue_harness, "list").stdout.splitlines()
-    assert len(lines) == 3 and lines[-1] == "-- 2 messages"
+    assert len(lines) == 4 and lines[0].split()[0] == "ID" and lines[-1] == "-- 2 messages"
     deferred = next(line for line in lines if "a@example.com" in line)
     assert "noreply@example.org" in deferred and "attempts=1" in deferred and "exited 75" in deferred
     assert any("c@example.com" in line and "attempts=0" in line for line in lines)
 
 
-def test_list_deferred_only(queue_harness, fake_sendmail):
+def test_list_deferred_only(queue_harness, admin, make_deferred):
     """list --deferred leaves new messages out."""
-    make_deferred(queue_harness, fake_sendmail, "a@example.com")
+    make_deferred("a@example.com")
     queue_harness.enqueue(fossil_message(to="c@example.com"))
     out = admin(queue_harness, "list", "--deferred").stdout
     assert "a@example.com" in out and "c@example.com" not in out
 
 
-def test_list_failed_shows_reason(queue_harness, fake_sendmail):
+def test_list_failed_shows_reason(queue_harness, admin, make_failed):
     """list --failed shows set-aside messages with their reason."""
-    make_failed(queue_harness, fake_sendmail)
+    make_failed()
     lines = admin(queue_harness, "list", "--failed").stdout.splitlines()
-    assert len(lines) == 2 and "bob@example.com" in lines[0] and "exited 65" in lines[0]
+    assert len(lines) == 3 and "bob@example.com" in lines[1] and "exited 65" in lines[1]
 
 
-def test_list_shows_injected_envelope(tmp_path):
+def test_list_shows_injected_envelope(spool_harness, admin):
     """A spool file from mailrelayd-sendmail is listed with its envelope sender and recipients."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    injected = run_cli("enqueue", "--spool", str(spool), "-f", "trac@example.org", "hidden@example.org",
-                       input="To: shown@example.org\nSubject: x\n\nbody\n")
+    injected = run_cli("enqueue", "--spool", str(spool_harness.path), "-f", "trac@example.org",
+                       "hidden@example.org", input="To: shown@example.org\nSubject: x\n\nbody\n")
     assert injected.returncode == 0, injected.stderr
-    out = run_cli("list", "--spool", str(spool)).stdout
+    out = admin(spool_harness, "list").stdout
     assert "trac@example.org" in out and "hidden@example.org" in out
 
 
-def test_show_prints_header_and_history_not_body(queue_harness, fake_sendmail):
+def test_show_prints_header_and_history_not_body(queue_harness, admin, relay_pass):
     """show prints the header block and the delivery history, never the body."""
     queue_harness.enqueue(fossil_message(body="Secret body text.\r\n"))
-    drain(queue_harness, fake_sendmail, 75)
+    relay_pass(75)
     ident = ids(admin(queue_harness, "list"))[0]
     result = admin(queue_harness, "show", ident)
     assert result.returncode == 0
@@ -190,105 +214,105 @@ def test_show_prints_header_and_history_not_body(queue_harness, fake_sendmail):
     assert "attempts:      1" in result.stdout and "sendmail says no" in result.stdout
 
 
-def test_show_failed_message_gives_reason(queue_harness, fake_sendmail):
+def test_show_failed_message_gives_reason(queue_harness, admin, make_failed):
     """show of a failed message (its id from list --failed) prints the reason."""
-    make_failed(queue_harness, fake_sendmail)
+    make_failed()
     ident = ids(admin(queue_harness, "list", "--failed"))[0]
     out = admin(queue_harness, "show", ident).stdout
     assert "state:         failed" in out and "reason:" in out and "sendmail says no" in out
 
 
-def test_show_unknown_id_exits_1(queue_harness):
+def test_show_unknown_id_exits_1(queue_harness, admin):
     """show of an id that is not there: exit 1 and one line."""
     queue_harness.enqueue(fossil_message())
     result = admin(queue_harness, "show", "999999")
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
 
 
-def test_retry_makes_deferred_due_now(queue_harness, fake_sendmail):
+def test_retry_makes_deferred_due_now(queue_harness, admin, status_json, make_deferred, relay_pass):
     """retry ID makes a deferred message due, so the next drain sends it."""
-    make_deferred(queue_harness, fake_sendmail)
+    make_deferred()
     ident = ids(admin(queue_harness, "list"))[0]
     result = admin(queue_harness, "retry", ident)
     assert result.returncode == 0 and result.stdout == f"{ident}: due now\n"
     assert status_json(queue_harness)["deferred"] == 0
-    assert drain(queue_harness, fake_sendmail, 0).returncode == 0
+    assert relay_pass(0).exit_status == 0
     assert queue_harness.queued() == 0
 
 
-def test_retry_all(queue_harness, fake_sendmail):
+def test_retry_all(queue_harness, admin, status_json, make_deferred):
     """retry --all makes every deferred message due and prints one line each."""
-    make_deferred(queue_harness, fake_sendmail, "a@example.com")
-    make_deferred(queue_harness, fake_sendmail, "b@example.com")
+    make_deferred("a@example.com")
+    make_deferred("b@example.com")
     result = admin(queue_harness, "retry", "--all")
     assert result.returncode == 0 and len(result.stdout.splitlines()) == 2
     assert status_json(queue_harness)["deferred"] == 0
 
 
-def test_retry_unknown_id_exits_1(queue_harness, fake_sendmail):
+def test_retry_unknown_id_exits_1(queue_harness, admin, status_json, make_deferred):
     """retry of an id that is not deferred says so and exits 1."""
-    make_deferred(queue_harness, fake_sendmail)
+    make_deferred()
     result = admin(queue_harness, "retry", "424242")
     assert result.returncode == 1 and "424242" in result.stderr
     assert status_json(queue_harness)["deferred"] == 1
 
 
-def test_retry_failed_puts_message_back(queue_harness, fake_sendmail):
+def test_retry_failed_puts_message_back(queue_harness, fake_sendmail, admin, status_json, make_failed, relay_pass):
     """retry --failed ID puts the set-aside message back, and the next drain sends it unchanged."""
-    make_failed(queue_harness, fake_sendmail)
+    make_failed()
     ident = ids(admin(queue_harness, "list", "--failed"))[0]
     result = admin(queue_harness, "retry", "--failed", ident)
     assert result.returncode == 0 and result.stdout.startswith(f"{ident}: back in the queue as ")
     assert status_json(queue_harness)["failed"] == 0 and queue_harness.queued() == 1
-    assert drain(queue_harness, fake_sendmail, 0).returncode == 0
+    assert relay_pass(0).exit_status == 0
     assert fake_sendmail.bodies()[-1].replace(b"\r\n", b"\n") == fossil_message(
         subject="Failed bob@example.com").replace(b"\r\n", b"\n")
 
 
-def test_retry_failed_all(queue_harness, fake_sendmail):
+def test_retry_failed_all(queue_harness, admin, make_failed):
     """retry --all --failed puts every failed message back and no reason file or row is left."""
-    make_failed(queue_harness, fake_sendmail, "a@example.com")
-    make_failed(queue_harness, fake_sendmail, "b@example.com")
+    make_failed("a@example.com")
+    make_failed("b@example.com")
     result = admin(queue_harness, "retry", "--all", "--failed")
     assert result.returncode == 0 and len(result.stdout.splitlines()) == 2
     assert queue_harness.failed() == [] and queue_harness.queued() == 2
 
 
-def test_retry_needs_ids_or_all(queue_harness):
+def test_retry_needs_ids_or_all(queue_harness, admin):
     """retry with neither ids nor --all is a usage error."""
     queue_harness.enqueue(fossil_message())
     assert admin(queue_harness, "retry").returncode == 64
 
 
-def test_purge_failed_deletes_and_names_them(queue_harness, fake_sendmail):
+def test_purge_failed_deletes_and_names_them(queue_harness, admin, make_failed):
     """purge --failed deletes the failed messages and prints their count and ids."""
-    make_failed(queue_harness, fake_sendmail)
+    make_failed()
     ident = ids(admin(queue_harness, "list", "--failed"))[0]
     result = admin(queue_harness, "purge", "--failed")
     assert result.returncode == 0 and result.stdout == f"deleted 1 failed messages: {ident}\n"
     assert queue_harness.failed() == []
 
 
-def test_purge_failed_older_than_keeps_recent(queue_harness, fake_sendmail):
+def test_purge_failed_older_than_keeps_recent(queue_harness, admin, make_failed):
     """purge --failed --older-than keeps failed messages younger than that."""
-    make_failed(queue_harness, fake_sendmail)
+    make_failed()
     result = admin(queue_harness, "purge", "--failed", "--older-than", "30d")
     assert result.stdout == "deleted 0 failed messages\n"
     assert len(queue_harness.failed()) == 1
 
 
-def test_purge_sentlog_needs_older_than(queue_harness):
+def test_purge_sentlog_needs_older_than(queue_harness, admin):
     """purge --sentlog without --older-than is a usage error."""
     queue_harness.enqueue(fossil_message())
     assert admin(queue_harness, "purge", "--sentlog").returncode == 64
 
 
-def test_purge_sentlog_deletes_only_old(queue_harness, fake_sendmail):
+def test_purge_sentlog_deletes_only_old(queue_harness, admin, relay_pass):
     """purge --sentlog --older-than deletes only sent records older than asked."""
     queue_harness.enqueue(fossil_message())
     extra = ["--keep-sent"] if queue_harness.kind == "spool" else []
-    assert run_cli("--drain", *queue_harness.cli_args, *extra, "--command", f"{fake_sendmail.path} -ti").returncode == 0
-    kept = run_cli("purge", "--sentlog", "--older-than", "1d", *queue_harness.cli_args, *extra)
+    assert relay_pass(0, **({"keep_sent": True} if extra else {})).exit_status == 0
+    kept = admin(queue_harness, "purge", "--sentlog", "--older-than", "1d", *extra)
     assert kept.stdout.startswith("deleted 0 ")
     if queue_harness.kind == "sqlite":
         with sqlite3.connect(queue_harness.path) as conn:
@@ -297,11 +321,12 @@ def test_purge_sentlog_deletes_only_old(queue_harness, fake_sendmail):
         sent = queue_harness.state / "sent"
         for name in os.listdir(sent):
             os.utime(sent / name, (time.time() - 2 * 86400,) * 2)
-    purged = run_cli("purge", "--sentlog", "--older-than", "1d", *queue_harness.cli_args, *extra)
+    purged = admin(queue_harness, "purge", "--sentlog", "--older-than", "1d", *extra)
     assert purged.stdout.startswith("deleted 1 ")
 
 
 def test_daemon_flags_still_work_beside_subcommands(queue_harness, fake_sendmail):
     """With no subcommand, the relay's own flags work as before."""
     queue_harness.enqueue(fossil_message())
-    assert drain(queue_harness, fake_sendmail, 0).returncode == 0 and queue_harness.queued() == 0
+    result = run_cli("--drain", *queue_harness.cli_args, "--command", f"{fake_sendmail.path} -ti", "--settle", "0")
+    assert result.returncode == 0 and queue_harness.queued() == 0

@@ -234,6 +234,7 @@ db = "{jails}/*/emailqueue.db"
     jail_b.enqueue(messages[3])
     wait_until(lambda: sorted(fake_sendmail.bodies()) == sorted(to_lf(m) for m in messages), timeout=20,
                what="every queue's message")
+    wait_until(lambda: len(d.logged("message_sent")) == 4, what="every delivery recorded and logged")
     queues = {e["queue"] for e in d.logged("message_sent")}
     assert queues == {str(db.path), str(spool.path), str(jail_a.path), str(jail_b.path)}
 

@@ -9,12 +9,17 @@ nothing of transports. Methods are called from one thread only.
 `stats` counts what waits, cheaply enough for a daemon to call every few seconds; `add`
 queues a message of the relay's own (a failure notice to the administrator); `lock_path`
 names the file whose lock marks the one relay serving the queue (see mailrelayd.queuelock).
+
+The same interface serves the administrator (`mailrelayd list`, `retry`, ...): `entries`
+and `find` show messages as `Entry` values; `make_due`, `requeue` and the `purge_*`
+methods change them, under the same safety rules as the relay's own reads and writes.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -69,10 +74,39 @@ class QueueStats:
     next_try: float | None
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One message as the administrator sees it; never delivered from.
+
+    `state` is new, deferred, failed or refused (a spool entry moved aside unread). `data`
+    is the message as queued, without any injector's envelope, or b"" when it may not be
+    read. `sender` and `recipients` are those recorded with the message (by the injector,
+    or after a partial send: who is still to get it, or never got it), else None.
+    `origin` is the id it had while queued, for a message whose id changed when it was set
+    aside.
+    """
+
+    id: str
+    state: str
+    data: bytes
+    size: int
+    sender: str | None = None
+    recipients: tuple[str, ...] | None = None
+    attempts: int = 0
+    first_seen: float | None = None
+    last_try: float | None = None
+    next_try: float | None = None
+    last_error: str | None = None
+    reason: str | None = None
+    failed_at: float | None = None
+    origin: str | None = None
+
+
 class Queue(Protocol):
     name: str
     watch_dir: Path
     lock_path: Path  # the single-relay lock file (computed, never created by the queue)
+    sent_record: str | None  # what it keeps of sent mail ("sentlog rows", "sent messages"), or None
 
     def open(self) -> None: ...
 
@@ -116,7 +150,42 @@ class Queue(Protocol):
 
     def maintain(self, now: float) -> None: ...
 
+    def rescan(self) -> None:
+        """Forget what the queue keeps in memory of its state (another process changed it)."""
+        ...
+
     def close(self) -> None: ...
+
+    # -- administration -------------------------------------------------------------
+
+    def entries(self, states: Collection[str], now: float) -> list[Entry]:
+        """The messages in these states (new, deferred, failed, refused), oldest first."""
+        ...
+
+    def find(self, ident: str, now: float) -> Entry | None:
+        """The message with this id, in whatever state, or None."""
+        ...
+
+    def make_due(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        """Deferred messages (these, or all) due now; the ids it changed."""
+        ...
+
+    def requeue(self, ids: Sequence[str] | None, now: float) -> list[tuple[str, str]]:
+        """Failed messages (these, or all) back in the queue, due now: (old id, new id) each.
+        One that reached some recipients before goes back for the others only."""
+        ...
+
+    def purge_failed(self, ids: Sequence[str] | None, before: float) -> list[str]:
+        """Delete failed messages: these ids, or all set aside before `before`."""
+        ...
+
+    def purge_sent(self, before: float) -> list[str]:
+        """Delete the record of messages sent before `before` (sentlog rows, kept files)."""
+        ...
+
+    def purge_refused(self, before: float) -> list[str]:
+        """Delete entries refused before `before` (a spool's corrupt/; nothing elsewhere)."""
+        ...
 
 
 def owner_token(pid: int | None = None) -> str:

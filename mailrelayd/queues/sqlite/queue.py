@@ -15,16 +15,18 @@ are read outside any write transaction (WAL lets Fossil write meanwhile).
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from mailrelayd.message import Envelope, header_block
-from mailrelayd.queues import QueuedMessage, QueueError, QueueStats, owner_is_gone, owner_token
+from mailrelayd.message import Envelope, date_header
+from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats, owner_is_gone, owner_token
+from mailrelayd.queues.sqlite import admin
+from mailrelayd.queues.sqlite.schema import create_schema
 
 BUSY_TIMEOUT = 5.0  # seconds any statement waits for another process's lock
 
@@ -46,28 +48,6 @@ _CLAIMED = """
 SELECT q.emailid, q.attempts, q.first_seen, q.digest, q.recipients, CAST(e.msg AS BLOB)
 FROM mailrelayd_queue q JOIN email e ON e.emailid = q.emailid
 WHERE q.owner = ?1 AND q.emailid IN ({ids}) ORDER BY q.emailid
-"""
-
-# Per-connection views: inserting a row into one records an outcome in a single statement.
-_OUTCOME_VIEWS = """
-CREATE TEMP VIEW IF NOT EXISTS mailrelayd_sent(emailid, mtime, xto, xfrom, xsubject, xsize)
-    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
-CREATE TEMP TRIGGER IF NOT EXISTS mailrelayd_sent_insert INSTEAD OF INSERT ON mailrelayd_sent BEGIN
-    DELETE FROM email WHERE emailid = NEW.emailid;
-    DELETE FROM mailrelayd_queue WHERE emailid = NEW.emailid;
-    INSERT INTO sentlog(mtime, xto, xfrom, xsubject, xsize)
-        SELECT NEW.mtime, NEW.xto, NEW.xfrom, NEW.xsubject, NEW.xsize WHERE NEW.xsize IS NOT NULL;
-END;
-CREATE TEMP VIEW IF NOT EXISTS mailrelayd_set_aside(emailid, reason, attempts, first_seen, failed_at, recipients)
-    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
-CREATE TEMP TRIGGER IF NOT EXISTS mailrelayd_set_aside_insert INSTEAD OF INSERT ON mailrelayd_set_aside BEGIN
-    INSERT INTO mailrelayd_failed(emailid, msg, reason, attempts, first_seen, failed_at, last_error, recipients)
-        SELECT e.emailid, CAST(e.msg AS BLOB), NEW.reason, NEW.attempts, NEW.first_seen, NEW.failed_at,
-               q.last_error, NEW.recipients
-        FROM email e LEFT JOIN mailrelayd_queue q ON q.emailid = e.emailid WHERE e.emailid = NEW.emailid;
-    DELETE FROM email WHERE emailid = NEW.emailid;
-    DELETE FROM mailrelayd_queue WHERE emailid = NEW.emailid;
-END;
 """
 
 _NEXT_DUE = """
@@ -101,6 +81,7 @@ class SqliteQueue:
         self.watch_dir = path.parent
         self.lock_path = path.absolute().with_name(path.name + ".mailrelayd.lock")
         self.lease = lease
+        self.sent_record = "sent log entries"
         self.sentlog_retention = sentlog_retention
         self.owner = owner_token()
         self._conn: sqlite3.Connection | None = None
@@ -143,7 +124,7 @@ class SqliteQueue:
             else:
                 self.journal_mode = "wal"
             conn.execute("PRAGMA synchronous=NORMAL")
-            _create_schema(conn, self.path)
+            create_schema(conn, self.path)
         except BaseException:
             conn.close()
             raise
@@ -261,6 +242,39 @@ class SqliteQueue:
                 " AND emailid NOT IN (SELECT emailid FROM email)"
             )
 
+    # -- administration (mailrelayd list, show, retry, purge) ------------------------
+
+    def entries(self, states: Collection[str], now: float) -> list[Entry]:
+        with self._errors():
+            return admin.entries(self._db, self.path, states, now)
+
+    def find(self, ident: str, now: float) -> Entry | None:
+        with self._errors():
+            found = admin.entries(self._db, self.path, {"new", "deferred", "failed"}, now, only=ident)
+        return found[0] if found else None
+
+    def make_due(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        with self._errors():
+            return admin.make_due(self._db, ids, now)
+
+    def requeue(self, ids: Sequence[str] | None, now: float) -> list[tuple[str, str]]:
+        with self._errors():
+            return admin.requeue(self._db, ids, now)
+
+    def purge_failed(self, ids: Sequence[str] | None, before: float) -> list[str]:
+        with self._errors():
+            return admin.purge_failed(self._db, ids, before)
+
+    def purge_sent(self, before: float) -> list[str]:
+        with self._errors():
+            return admin.purge_sent(self._db, before)
+
+    def purge_refused(self, before: float) -> list[str]:
+        return []  # a row is never refused unread
+
+    def rescan(self) -> None:
+        pass  # nothing is kept in memory
+
     # -- helpers ----------------------------------------------------------------
 
     def _path_inode(self) -> tuple[int, int] | None:
@@ -297,60 +311,6 @@ class SqliteQueue:
             yield
         except sqlite3.Error as e:
             raise QueueError(f"{self.path}: {e}") from None
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS email(emailid INTEGER PRIMARY KEY, msg TEXT);
-CREATE TABLE IF NOT EXISTS sentlog(mtime INT, xto TEXT, xfrom TEXT, xsubject TEXT, xsize INT);
-CREATE TABLE IF NOT EXISTS mailrelayd_queue(
-    emailid INTEGER PRIMARY KEY,  -- the email row this is the delivery state of
-    digest BLOB,                  -- of msg: a reused emailid does not inherit this state
-    attempts INT NOT NULL,
-    first_seen REAL NOT NULL,
-    next_try REAL NOT NULL,
-    last_try REAL,
-    last_error TEXT,
-    owner TEXT,                   -- host:pid:start time of the process delivering it
-    lease_until REAL,
-    recipients TEXT               -- JSON list: who is still to get it, after a partial send
-);
-CREATE INDEX IF NOT EXISTS mailrelayd_queue_owner ON mailrelayd_queue(owner);
-CREATE TABLE IF NOT EXISTS mailrelayd_failed(
-    id INTEGER PRIMARY KEY,
-    emailid INT,
-    msg BLOB,
-    reason TEXT,
-    attempts INT,
-    first_seen REAL,
-    failed_at REAL,
-    last_error TEXT,
-    recipients TEXT               -- JSON list: who never got it, when others did
-);
-"""
-
-
-def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create Fossil's, the Tcl script's and our tables if missing; change nothing else."""
-    email_columns = {row[1] for row in conn.execute("PRAGMA table_info(email)").fetchall()}
-    if email_columns and not {"emailid", "msg"} <= email_columns:
-        raise QueueError(f"{path}: table email has no emailid and msg columns: not a Fossil email queue")
-    conn.executescript(_SCHEMA)
-    for table in ("mailrelayd_queue", "mailrelayd_failed"):  # files made before partial sends were kept
-        if "recipients" not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()}:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN recipients TEXT")
-    conn.executescript(_OUTCOME_VIEWS)
-
-
-def date_header(data: bytes, now: float) -> float | None:
-    """The message's Date: as unix time, if it has a plausible one (not after `now`)."""
-    for line in header_block(data).decode("utf-8", "replace").splitlines():
-        if line.lower().startswith("date:"):
-            try:
-                when = email.utils.parsedate_to_datetime(line[5:].strip()).timestamp()
-            except (TypeError, ValueError, IndexError, OverflowError):
-                return None
-            return when if when <= now else None
-    return None
 
 
 def _json(recipients: tuple[str, ...] | None) -> str | None:

@@ -10,15 +10,7 @@ it has been unchanged for `settle` seconds.
 Each claimed file is held with an exclusive flock for the whole delivery, so several
 relays can share a spool; the lock dies with its process. The state lives beside the
 spool, never in it (Fossil's /stat page counts every entry in the spool as waiting), on
-the same file system so that every move is an atomic rename:
-
-    SPOOL/NAME                        new messages (Fossil's, or mailrelayd-sendmail's)
-    STATE/deferred/NAME               a message waiting for its next try
-    STATE/schedule/NAME               its attempts, first_seen, next_try, last_error (JSON)
-    STATE/failed/NAME, NAME.reason    set aside by the relay, with the reason
-    STATE/corrupt/NAME, NAME.reason   refused as unsafe or unreadable, with the reason
-    STATE/sent/NAME                   sent, kept with keep_sent until sentlog_retention
-    STATE/tmp/                        state files being written
+the same file system so that every move is an atomic rename (see SpoolState).
 
 Messages of the relay's own (`add`) are written straight into STATE/deferred, due at once:
 they are trusted, so neither settle nor spool_owner applies to them.
@@ -28,30 +20,32 @@ from __future__ import annotations
 
 import fcntl
 import heapq
-import json
 import os
 import stat
 from collections import deque
+from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailrelayd.files import free_name, fsync_dir, write_durably
 from mailrelayd.inject import spool_file_name, split_envelope
 from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope
-from mailrelayd.queues import QueuedMessage, QueueError, QueueStats
+from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats
+from mailrelayd.queues.spool import admin
+from mailrelayd.queues.spool.state import SpoolState, read_all
 
-STATE_DIRS = ("deferred", "schedule", "failed", "corrupt", "sent", "tmp")
 RESCAN_DEFERRED = 60.0  # seconds: notice messages other relays (or an admin) deferred
 LIST_BATCH = 4096  # oldest names taken from one listing: memory stays flat however long the backlog
 OLDEST_PROBE = 64  # new files whose age stats() looks at: those with the smallest names
+SPOOL = "spool"  # where a held file is: the spool itself, or a state subdirectory
 
 
 @dataclass
 class _Held:
     fd: int
-    path: Path
+    where: str  # SPOOL or "deferred"
+    name: str
 
 
 class SpoolQueue:
@@ -59,7 +53,7 @@ class SpoolQueue:
                  max_size: int = 25 * 2**20, owner_uid: int | None = None, keep_sent: bool = False,
                  sentlog_retention: float = 30 * 86400):
         self.spool = spool = spool.absolute()
-        self.state = (state or spool.with_name(spool.name + ".mailrelayd")).absolute()
+        self.state = SpoolState((state or spool.with_name(spool.name + ".mailrelayd")).absolute())
         self.name = str(spool)
         self.lock_path = spool.with_name(spool.name + ".mailrelayd.lock")
         self.watch_dir = spool
@@ -67,7 +61,9 @@ class SpoolQueue:
         self.max_size = max_size
         self.owner_uid = owner_uid
         self.keep_sent = keep_sent
+        self.sent_record = "sent messages" if keep_sent else None
         self.sentlog_retention = sentlog_retention
+        self._spool_fd: int | None = None
         self._closed: set[str] = set()  # names whose writer has closed them (watcher's thread)
         self._held: dict[str, _Held] = {}
         self._deferred: dict[str, tuple[float, float]] | None = None  # name -> (next try, first seen)
@@ -75,35 +71,36 @@ class SpoolQueue:
         self._ready: deque[str] = deque()  # complete new files from the last listing, oldest first
         self._settles_at: float | None = None  # when the next unsettled new file may be taken
         self.log = get_logger(queue=self.name)
-        self._dirs = {sub: self.state / sub for sub in STATE_DIRS}
-
-    def dir(self, name: str) -> Path:
-        return self._dirs[name]
 
     # -- opening -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Check the spool, refuse two file systems, create the state directories."""
+        """Open the spool, then the state directories (created if missing, on its file system)."""
+        if self._spool_fd is not None:
+            return
         try:
-            spool_dev = self.spool.stat().st_dev
-            if not self.spool.is_dir():
-                raise QueueError(f"{self.spool}: not a directory")
-            state_dev = (self.state if self.state.exists() else self.state.parent).stat().st_dev
-            if spool_dev != state_dev:
-                raise QueueError(f"{self.state} is not on the same file system as {self.spool}: moves would"
-                                 " not be atomic; set state_dir to a directory beside the spool", permanent=True)
-            self.state.mkdir(mode=0o750, exist_ok=True)
-            for sub in STATE_DIRS:
-                self.dir(sub).mkdir(mode=0o750, exist_ok=True)
-        except FileNotFoundError as e:
-            raise QueueError(f"{e.filename}: no such directory") from None
+            fd = os.open(self.spool, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise QueueError(f"{self.spool}: no such directory") from None
+        except NotADirectoryError:
+            raise QueueError(f"{self.spool}: not a directory") from None
         except OSError as e:
-            raise QueueError(f"{e.filename}: {e.strerror}") from None
+            raise QueueError(f"{self.spool}: {e.strerror}") from None
+        try:
+            self.state.open(os.fstat(fd).st_dev)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._spool_fd = fd
 
     def close(self) -> None:
         for held in self._held.values():
             os.close(held.fd)
         self._held.clear()
+        self.state.close()
+        if self._spool_fd is not None:
+            os.close(self._spool_fd)
+            self._spool_fd = None
 
     def notice(self, kind: str, path: str) -> bool:
         directory, _, name = path.rpartition("/")
@@ -113,6 +110,13 @@ class SpoolQueue:
             self._closed.add(name)
         return True
 
+    def dir_fd(self, where: str) -> int:
+        if where == SPOOL:
+            if self._spool_fd is None:
+                raise QueueError(f"{self.spool}: not open")
+            return self._spool_fd
+        return self.state.fd(where)
+
     # -- claim and acknowledge ----------------------------------------------------
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]:
@@ -121,11 +125,10 @@ class SpoolQueue:
             for name in self._due_deferred(now):
                 if len(claimed) >= limit:
                     break
-                path = self.dir("deferred") / name
-                if msg := self._take(path, now):
+                if msg := self._take("deferred", name, now):
                     claimed.append(msg)
-                elif not os.path.lexists(path):  # sent or set aside by another relay
-                    self._deferred.pop(name, None)
+                elif not self.state.exists("deferred", name):  # sent or set aside by another relay
+                    self._index(now).pop(name, None)
             listed = False
             while len(claimed) < limit:
                 if not self._ready:  # the directory is listed only once the last listing is used up
@@ -133,7 +136,7 @@ class SpoolQueue:
                         break
                     self._ready.extend(self._list_ready(now))
                     listed = True
-                elif msg := self._take(self.spool / self._ready.popleft(), now):
+                elif msg := self._take(SPOOL, self._ready.popleft(), now):
                     claimed.append(msg)
         except OSError as e:
             self.release(claimed)
@@ -144,15 +147,15 @@ class SpoolQueue:
         """Write a message of the relay's own into deferred/, with a schedule due now (first
         the message, so that a crash leaves at worst a message with no history, due now)."""
         try:
-            path = free_name(self.dir("deferred"), spool_file_name())
-            write_durably(path, data, self.dir("tmp"))
-            state = {"attempts": 0, "first_seen": now, "next_try": now, "last_try": None, "last_error": None}
-            write_durably(self._schedule(path), json.dumps(state).encode(), self.dir("tmp"))
+            name = self.state.free_name("deferred", spool_file_name())
+            self.state.write("deferred", name, data)
+            self.state.write_schedule(name, {"attempts": 0, "first_seen": now, "next_try": now, "last_try": None,
+                                             "last_error": None})
         except OSError as e:
-            raise QueueError(f"{self.state}: {e.strerror or e}") from None
+            raise QueueError(f"{self.state.root}: {e.strerror or e}") from None
         if self._deferred is not None:
-            self._deferred[path.name] = (now, now)
-        return path.name
+            self._deferred[name] = (now, now)
+        return name
 
     def stats(self, now: float) -> QueueStats:
         """The counts from directory listings and the deferred index (which may be up to
@@ -161,25 +164,24 @@ class SpoolQueue:
         mailrelayd-sendmail's names start with the time they were written). With keep_sent,
         sent_24h stats every kept file."""
         try:
-            with os.scandir(self.spool) as entries:
-                new = [e.name for e in entries if not e.name.startswith(".")]
+            new = [n for n in os.listdir(self.dir_fd(SPOOL)) if not n.startswith(".")]
             times = []
             for name in heapq.nsmallest(OLDEST_PROBE, new):
                 try:
-                    times.append(os.lstat(self.spool / name).st_mtime)
+                    times.append(os.stat(name, dir_fd=self.dir_fd(SPOOL), follow_symlinks=False).st_mtime)
                 except FileNotFoundError:
                     pass
-            deferred = self._deferred_index(now).values()
+            deferred = self._index(now).values()
             later = [t for t, _ in deferred if t > now]
             times += [first_seen for _, first_seen in deferred]
-            names = set(os.listdir(self.dir("failed")))
+            names = set(self.state.names("failed"))
             failed = sum(1 for n in names if not (n.endswith(".reason") and n[:-7] in names))
             sent = None
             if self.keep_sent:
-                with os.scandir(self.dir("sent")) as entries:
-                    sent = sum(1 for e in entries if e.stat(follow_symlinks=False).st_mtime >= now - 86400)
+                sent = sum(1 for n in self.state.names("sent")
+                           if (st := self.state.lstat("sent", n)) and st.st_mtime >= now - 86400)
         except OSError as e:
-            raise QueueError(f"{self.state}: {e.strerror or e}") from None
+            raise QueueError(f"{self.state.root}: {e.strerror or e}") from None
         oldest = min(times, default=None)
         return QueueStats(queued=len(new) + len(deferred) - len(later), deferred=len(later), failed=failed,
                           sent_24h=sent, oldest_queued_s=None if oldest is None else max(0.0, now - oldest),
@@ -187,47 +189,41 @@ class SpoolQueue:
 
     def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
         for msg, _ in sent:
-            self._mark_one_sent(msg, now)
-
-    def _mark_one_sent(self, msg: QueuedMessage, now: float) -> None:
-        held = self._held.pop(str(msg.id))
-        with self._finishing(held):
-            if self.keep_sent:
-                kept = free_name(self.dir("sent"), held.path.name)
-                os.rename(held.path, kept)
-                os.utime(kept, (now, now))  # kept for sentlog_retention from now, not from its writing
-                fsync_dir(self.dir("sent"))
-                fsync_dir(held.path.parent)
-            else:  # an unlink lost in a power cut can only mean a message sent twice
-                os.unlink(held.path)
-            self._forget_deferred(held.path)
+            held = self._held.pop(str(msg.id))
+            with self._finishing(held):
+                src = self.dir_fd(held.where)
+                if self.keep_sent:
+                    kept = self.state.move_in(src, held.name, "sent")
+                    if kept is not None:  # kept for sentlog_retention from now, not from its writing
+                        os.utime(kept, (now, now), dir_fd=self.state.fd("sent"), follow_symlinks=False)
+                else:  # an unlink lost in a power cut can only mean a message sent twice
+                    os.unlink(held.name, dir_fd=src)
+                self._forget_deferred(held)
 
     def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float,
               recipients: tuple[str, ...] | None = None) -> None:
         held = self._held.pop(str(msg.id))
         with self._finishing(held):
-            path = held.path
-            if path.parent != self.dir("deferred"):
-                path = free_name(self.dir("deferred"), path.name)
-                os.rename(held.path, path)
-                fsync_dir(held.path.parent)
+            name = held.name
+            if held.where != "deferred":
+                name = self.state.move_in(self.dir_fd(held.where), held.name, "deferred") or name
             state = {"attempts": msg.attempts + 1, "first_seen": msg.first_seen, "next_try": next_try,
                      "last_try": now, "last_error": error}
-            remaining = recipients if recipients is not None else self._read_state(path).get("recipients")
+            remaining = recipients if recipients is not None else self.state.schedule(name).get("recipients")
             if remaining:  # after a partial send, only these are still to get it
                 state["recipients"] = list(remaining)
-            write_durably(self._schedule(path), json.dumps(state).encode(), self.dir("tmp"))
+            self.state.write_schedule(name, state)
             if self._deferred is not None:
-                self._deferred[path.name] = (next_try, msg.first_seen)
+                self._deferred[name] = (next_try, msg.first_seen)
 
     def set_aside(self, msg: QueuedMessage, reason: str, now: float,
                   recipients: tuple[str, ...] | None = None) -> None:
         held = self._held.pop(str(msg.id))
         extra = {"recipients": ", ".join(recipients)} if recipients is not None else {}
         with self._finishing(held):
-            self._move_aside(held.path, "failed", reason, attempts=msg.attempts + 1,
-                             first_seen=msg.first_seen, failed_at=now, **extra)
-            self._forget_deferred(held.path)
+            self.state.set_aside(self.dir_fd(held.where), held.name, "failed", reason, attempts=msg.attempts + 1,
+                                 first_seen=msg.first_seen, failed_at=now, **extra)
+            self._forget_deferred(held)
 
     def release(self, msgs: list[QueuedMessage]) -> None:
         for msg in msgs:
@@ -245,47 +241,86 @@ class SpoolQueue:
         return self._settles_at
 
     def maintain(self, now: float) -> None:
-        """Prune kept sent files past the retention, orphan state files and stale temporaries."""
+        """Prune kept sent files past the retention, orphan schedules and stale temporaries."""
         try:
-            for entry in os.scandir(self.dir("sent")):
-                if entry.stat(follow_symlinks=False).st_mtime < now - self.sentlog_retention:
-                    os.unlink(entry.path)
-            for entry in os.scandir(self.dir("schedule")):
-                if not os.path.lexists(self.dir("deferred") / entry.name):
-                    os.unlink(entry.path)
-            for entry in os.scandir(self.dir("tmp")):
-                if entry.stat(follow_symlinks=False).st_mtime < now - 3600:
-                    os.unlink(entry.path)
+            self.state.prune("sent", now - self.sentlog_retention)
+            deferred = set(self.state.names("deferred"))
+            for name in self.state.names("schedule"):
+                if name not in deferred:
+                    self.state.unlink("schedule", name)
+            self.state.prune("tmp", now - 3600)
         except OSError as e:
-            raise QueueError(f"{self.state}: {e.strerror or e}") from None
+            raise QueueError(f"{self.state.root}: {e.strerror or e}") from None
+
+    # -- administration (mailrelayd list, show, retry, purge) ----------------------------
+
+    def entries(self, states: Collection[str], now: float) -> list[Entry]:
+        with self._os_errors():
+            return admin.entries(self, set(states), now)
+
+    def find(self, ident: str, now: float) -> Entry | None:
+        if "/" in ident or ident.startswith(".") or "\0" in ident:
+            return None
+        with self._os_errors():
+            found = admin.entries(self, {"new", "deferred", "failed", "refused"}, now, only=ident)
+        return found[0] if found else None
+
+    def make_due(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        with self._os_errors():
+            done = admin.make_due(self, ids, now)
+        if self._deferred is not None:
+            for name in done:
+                self._deferred[name] = (now, self._deferred.get(name, (now, now))[1])
+        return done
+
+    def requeue(self, ids: Sequence[str] | None, now: float) -> list[tuple[str, str]]:
+        with self._os_errors():
+            return admin.requeue(self, ids, now)
+
+    def purge_failed(self, ids: Sequence[str] | None, before: float) -> list[str]:
+        with self._os_errors():
+            return self.state.prune("failed", before if ids is None else float("inf"), ids and list(ids))
+
+    def purge_sent(self, before: float) -> list[str]:
+        with self._os_errors():
+            return self.state.prune("sent", before)
+
+    def purge_refused(self, before: float) -> list[str]:
+        with self._os_errors():
+            return self.state.prune("corrupt", before)
+
+    def rescan(self) -> None:
+        """Read the deferred index again at the next claim (an administrator changed it)."""
+        self._deferred_scanned = float("-inf")
 
     # -- finding work -------------------------------------------------------------
 
-    def _deferred_index(self, now: float) -> dict[str, tuple[float, float]]:
+    def _index(self, now: float) -> dict[str, tuple[float, float]]:
         """(next try, first seen) of each deferred name, kept up to date by our own changes
         and read again from disk every RESCAN_DEFERRED seconds (for other relays' changes)."""
         if self._deferred is None or now - self._deferred_scanned >= RESCAN_DEFERRED:
             self._deferred = {}
-            for entry in os.scandir(self.dir("deferred")):
-                state = self._read_state(Path(entry.path))
-                try:  # no schedule (a crash between move and write): since the file was written
-                    first_seen = state.get("first_seen") or entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
+            for name in self.state.names("deferred"):
+                schedule = self.state.schedule(name)
+                st = self.state.lstat("deferred", name)
+                if st is None:
                     continue
-                self._deferred[entry.name] = (state.get("next_try", 0.0), first_seen)
+                # no schedule (a crash between move and write): since the file was written
+                self._deferred[name] = (_number(schedule.get("next_try"), 0.0),
+                                        _number(schedule.get("first_seen"), st.st_mtime))
             self._deferred_scanned = now
         return self._deferred
 
     def _due_deferred(self, now: float) -> list[str]:
         """Deferred names due by now, soonest first."""
-        due = [(t, name) for name, (t, _) in self._deferred_index(now).items() if t <= now and name not in self._held]
+        due = [(t, name) for name, (t, _) in self._index(now).items() if t <= now and name not in self._held]
         return [name for _, name in sorted(due)]
 
     def _list_ready(self, now: float) -> list[str]:
         """Names in the spool that are complete: closed by their writer, or settled."""
         ready, self._settles_at = [], None
-        with os.scandir(self.spool) as entries:
-            names = heapq.nsmallest(LIST_BATCH, (e.name for e in entries if not e.name.startswith(".")))
+        spool_fd = self.dir_fd(SPOOL)
+        names = heapq.nsmallest(LIST_BATCH, (n for n in os.listdir(spool_fd) if not n.startswith(".")))
         if len(self._closed) > 10_000:  # names that others took: forget them
             self._closed.intersection_update(names)
         for name in names:
@@ -295,7 +330,7 @@ class SpoolQueue:
                 ready.append(name)
                 continue
             try:
-                settles = os.lstat(self.spool / name).st_mtime + self.settle
+                settles = os.stat(name, dir_fd=spool_fd, follow_symlinks=False).st_mtime + self.settle
             except FileNotFoundError:
                 continue
             if settles <= now:
@@ -304,36 +339,50 @@ class SpoolQueue:
                 self._settles_at = settles
         return ready
 
-    def _take(self, path: Path, now: float) -> QueuedMessage | None:
+    def _take(self, where: str, name: str, now: float) -> QueuedMessage | None:
         """Lock, check and read one file; None if it is gone, held elsewhere or refused."""
+        dir_fd = self.dir_fd(where)
         try:
-            seen = os.lstat(path)
+            seen = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(seen.st_mode):
-            self._move_aside(path, "corrupt", f"not a regular file ({_kind(seen.st_mode)}); never opened")
+            self._refuse(where, name, f"not a regular file ({_kind(seen.st_mode)}); never opened")
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:  # gone, or replaced by something else since lstat: look next time
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:  # gone, or replaced by something else since the stat: look next time
             return None
+        try:
+            msg = self._check_and_read(fd, where, name, now)
+        except BaseException:
+            os.close(fd)
+            raise
+        if msg is None:
+            os.close(fd)
+            return None
+        self._closed.discard(name)
+        self._held[name] = _Held(fd, where, name)
+        return msg
+
+    def _check_and_read(self, fd: int, where: str, name: str, now: float) -> QueuedMessage | None:
+        """The message in the open file `fd`, or None (held elsewhere, replaced, not due, refused)."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            opened = os.fstat(fd)
-            if not _same_file(opened, path):  # replaced, moved or sent meanwhile
-                os.close(fd)
-                return None
         except BlockingIOError:  # another relay is delivering it
-            os.close(fd)
             return None
-        state = self._read_state(path) if path.parent == self.dir("deferred") else {}
-        if state.get("next_try", 0.0) > now:  # deferred again by another relay meanwhile
-            self._deferred[path.name] = (state["next_try"], state.get("first_seen", now))
-            os.close(fd)
+        opened = os.fstat(fd)
+        if not _same_file(opened, name, self.dir_fd(where)):  # replaced, moved or sent meanwhile
             return None
-        problem = self._refusal(opened, trusted=path.parent != self.spool)
+        schedule = self.state.schedule(name) if where == "deferred" else {}
+        next_try = _number(schedule.get("next_try"), 0.0)
+        if next_try > now:  # deferred again by another relay meanwhile
+            self._index(now)[name] = (next_try, _number(schedule.get("first_seen"), now))
+            return None
+        problem = self.refusal(opened, trusted=where != SPOOL)
+        envelope = None
         if problem is None:
-            data = _read_all(fd, self.max_size + 1)
+            data = read_all(fd, self.max_size + 1)
             if len(data) > self.max_size:
                 problem = f"grew past max_size ({self.max_size}) while being read"
             try:
@@ -341,22 +390,20 @@ class SpoolQueue:
             except ValueError as e:
                 problem = f"bad mailrelayd envelope: {e}"
         if problem is not None:
-            self._move_aside(path, "corrupt", problem)
-            os.close(fd)
+            self._refuse(where, name, problem)
             return None
-        self._closed.discard(path.name)
-        self._held[path.name] = _Held(fd, path)
         recorded = None  # (sender, recipients) recorded beside the message
         if envelope is not None:
             sender, recipients, data = envelope
             recorded = (sender, recipients)
-        if state.get("recipients"):  # after a partial send, only those still to get it
-            recorded = (recorded[0] if recorded else "", tuple(state["recipients"]))
-        return QueuedMessage(id=path.name, data=data, attempts=state.get("attempts", 0),
-                             first_seen=state.get("first_seen", now), envelope=recorded,
-                             partial=bool(state.get("recipients")))
+        remaining = schedule.get("recipients")
+        if remaining:  # after a partial send, only those still to get it
+            recorded = (recorded[0] if recorded else "", tuple(remaining))
+        return QueuedMessage(id=name, data=data, attempts=int(_number(schedule.get("attempts"), 0)),
+                             first_seen=_number(schedule.get("first_seen"), now), envelope=recorded,
+                             partial=bool(remaining))
 
-    def _refusal(self, st: os.stat_result, trusted: bool = False) -> str | None:
+    def refusal(self, st: os.stat_result, trusted: bool = False) -> str | None:
         """Why a file may not be read, or None. `trusted`: in our state directory, where only
         files already checked or written by the relay itself are (spool_owner does not apply)."""
         if not stat.S_ISREG(st.st_mode):
@@ -373,64 +420,53 @@ class SpoolQueue:
 
     # -- moving files -------------------------------------------------------------
 
-    def _move_aside(self, path: Path, where: str, reason: str, **details) -> None:
-        target = free_name(self.dir(where), path.name)
+    def _refuse(self, where: str, name: str, reason: str) -> None:
+        """Move an entry to corrupt/, unread, with the reason."""
         try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            return  # another relay moved it first
-        if where == "corrupt":
-            self.log.warning("message_refused", emailid=path.name, reason=reason, moved_to=str(target))
-        lines = [f"reason: {reason}", *(f"{key}: {value}" for key, value in details.items())]
-        write_durably(Path(f"{target}.reason"), ("\n".join(lines) + "\n").encode(), self.dir("tmp"))
-        fsync_dir(path.parent)
+            target = self.state.set_aside(self.dir_fd(where), name, "corrupt", reason)
+        except OSError as e:
+            self.log.error("message_not_refused", emailid=name, reason=reason, error=e.strerror or str(e))
+            return
+        if target is not None:
+            self.log.warning("message_refused", emailid=name, reason=reason,
+                             moved_to=f"{self.state.root}/corrupt/{target}")
 
-    def _forget_deferred(self, path: Path) -> None:
-        if path.parent == self.dir("deferred"):
-            self._schedule(path).unlink(missing_ok=True)  # an orphan left by a crash: maintain() prunes it
+    def _forget_deferred(self, held: _Held) -> None:
+        if held.where == "deferred":
+            self.state.unlink("schedule", held.name)  # an orphan left by a crash: maintain() prunes it
             if self._deferred is not None:
-                self._deferred.pop(path.name, None)
-
-    def _schedule(self, deferred: Path) -> Path:
-        """The state file of a deferred message: same name, its own directory, so that no
-        message name can be mistaken for a state file."""
-        return self.dir("schedule") / deferred.name
-
-    def _read_state(self, path: Path) -> dict:
-        if path.parent != self.dir("deferred"):
-            return {}
-        try:
-            state = json.loads(self._schedule(path).read_bytes())
-            return state if isinstance(state, dict) else {}
-        except (OSError, ValueError):
-            return {}  # no state yet (a crash between move and write): due now, no history
+                self._deferred.pop(held.name, None)
 
     @contextmanager
     def _finishing(self, held: _Held):
         """Record an outcome, then close the file, releasing its lock, whatever happens."""
         try:
-            yield
-        except OSError as e:
-            raise QueueError(f"{self.spool}: {e.strerror or e}") from None
+            with self._os_errors():
+                yield
         finally:
             os.close(held.fd)
 
+    @contextmanager
+    def _os_errors(self):
+        try:
+            yield
+        except OSError as e:
+            raise QueueError(f"{self.spool}: {e.strerror or e}") from None
 
-def _same_file(st: os.stat_result, path: Path) -> bool:
+
+def _same_file(st: os.stat_result, name: str, dir_fd: int) -> bool:
     try:
-        now = os.lstat(path)
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
-def _read_all(fd: int, limit: int) -> bytes:
-    """At most `limit` bytes of the file."""
-    chunks, total = [], 0
-    while total < limit and (chunk := os.read(fd, min(limit - total, 1 << 20))):
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
+def _number(value, default: float) -> float:
+    """A number read from a schedule, or `default` for anything else (it is not ours to trust)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        return float(value)
+    return default
 
 
 def _kind(mode: int) -> str:

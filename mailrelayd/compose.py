@@ -1,0 +1,75 @@
+"""The composition root: queues, transports and relays, built from a Config.
+
+This is the one place that knows which classes make up a running mailrelayd. The
+command line and the service call it; queues and transports never import it.
+"""
+
+from __future__ import annotations
+
+from mailrelayd import log
+from mailrelayd.config import Config, ConfigError
+from mailrelayd.queues import Queue
+from mailrelayd.queues.spool import SpoolQueue
+from mailrelayd.queues.sqlite import SqliteQueue
+from mailrelayd.relay import Relay, RetryPolicy
+from mailrelayd.transports import Transport
+from mailrelayd.transports.maildir import MaildirTransport
+from mailrelayd.transports.pipe import PipeTransport
+from mailrelayd.transports.smtp import SmtpSettings, SmtpSettingsError, SmtpTransport
+
+
+def make_queue(config: Config) -> Queue:
+    """The queue one Config names (never a glob); nothing is opened yet."""
+    if config.spool:
+        return SpoolQueue(config.spool, config.state_dir, settle=config.settle, max_size=config.max_size,
+                          owner_uid=config.spool_owner, keep_sent=config.keep_sent,
+                          sentlog_retention=config.sentlog_retention)
+    assert config.db is not None
+    return SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention)
+
+
+def make_transport(config: Config) -> Transport:
+    """The configured transport; ConfigError if it cannot work as configured."""
+    if config.maildir:
+        return MaildirTransport(config.maildir)
+    if not config.smtp_server:
+        return PipeTransport(config.command, config.timeout, config.permanent_exit_codes)
+    password = None
+    if config.smtp_password_file:
+        try:
+            password = config.smtp_password_file.read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"cannot read smtp_password_file {config.smtp_password_file}: {e.strerror}") from None
+    settings = SmtpSettings(
+        server=config.smtp_server, port=config.smtp_port,
+        use_tls=config.use_tls or ("implicit" if config.smtp_port == 465 else "starttls"),
+        ca_file=str(config.smtp_ca_file) if config.smtp_ca_file else None, insecure=config.smtp_insecure,
+        user=config.smtp_user, password=password, allow_plaintext_auth=config.smtp_allow_plaintext_auth,
+        envelope_from=config.smtp_from, default_domain=config.smtp_default_domain,
+        use_short_addr=config.use_short_addr, always_bcc=config.smtp_always_bcc, helo=config.smtp_helo,
+        max_messages=config.smtp_max_messages, idle_timeout=config.smtp_idle_timeout,
+        connect_timeout=config.smtp_connect_timeout, reply_timeout=config.smtp_reply_timeout,
+        message_timeout=config.timeout, max_connections=config.workers,
+    )
+    try:
+        return SmtpTransport(settings)
+    except SmtpSettingsError as e:
+        raise ConfigError(str(e)) from None
+
+
+def make_relay(config: Config) -> Relay:
+    """The relay of one queue (a Config of queue_configs, never a glob); ConfigError if its
+    transport cannot work as configured."""
+    queue = make_queue(config)
+    transport = make_transport(config)
+    retry = RetryPolicy(config.retry_delay, config.max_retry_delay, config.max_age)
+    return Relay(queue, transport, workers=config.workers, retry=retry, poll_interval=config.poll_interval,
+                 envelope_from=config.envelope_from, notify_failed=config.notify_failed)
+
+
+def configure_log(config: Config, stream=None) -> None:
+    """Log as configured: a file, syslog (also the default with --daemon), else `stream`
+    (stderr). Raises OSError if the log file cannot be opened."""
+    use_syslog = config.syslog or (config.daemon and not config.log_file)
+    log.configure(config.log_format, config.log_level, stream, log_file=config.log_file,
+                  syslog_address="/dev/log" if use_syslog else None)

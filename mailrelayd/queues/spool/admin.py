@@ -1,0 +1,173 @@
+"""Administration of a spool queue: list, find, make due and put back.
+
+Files are read under the relay's own rules (never through a link, never a FIFO, one link
+only, no larger than max_size, spool_owner for new files), through the directory
+descriptors the queue holds. Moves are atomic renames; a schedule is written before the
+message it belongs to is moved, so a crash leaves at worst an orphan schedule.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from mailrelayd.inject import is_plain_address, split_envelope
+from mailrelayd.queues import Entry
+from mailrelayd.queues.spool.state import read_all
+
+if TYPE_CHECKING:
+    from mailrelayd.queues.spool.queue import SpoolQueue
+
+SPOOL = "spool"
+
+
+def entries(queue: SpoolQueue, states: set[str], now: float, only: str | None = None) -> list[Entry]:
+    """The messages in `states` (new, deferred, failed, refused); with `only`, just that name."""
+    state, found = queue.state, []
+
+    def names(where: str) -> list[str]:
+        if where == SPOOL:
+            listed = sorted(n for n in os.listdir(queue.dir_fd(SPOOL)) if not n.startswith("."))
+        else:
+            listed = [n for n in state.names(where) if not (where in ("failed", "corrupt") and n.endswith(".reason"))]
+        return [n for n in listed if only is None or n == only]
+
+    if states & {"new", "deferred"}:
+        for name in names("deferred"):
+            schedule = state.schedule(name)
+            next_try = _number(schedule.get("next_try"))
+            kind = "deferred" if next_try is not None and next_try > now else "new"
+            if kind in states and (read := _read(queue, "deferred", name)):
+                data, size, sender, recipients, problem, mtime = read
+                found.append(Entry(name, kind, data, size, sender, _addresses(schedule.get("recipients")) or recipients,
+                                   int(_number(schedule.get("attempts")) or 0),
+                                   _number(schedule.get("first_seen")) or mtime, _number(schedule.get("last_try")),
+                                   next_try, _text(schedule.get("last_error")) or problem))
+    if "new" in states:
+        for name in names(SPOOL):
+            if read := _read(queue, SPOOL, name):
+                data, size, sender, recipients, problem, mtime = read
+                found.append(Entry(name, "new", data, size, sender, recipients, first_seen=mtime,
+                                   last_error=problem and f"will be refused: {problem}"))
+    for kind, where in (("failed", "failed"), ("refused", "corrupt")):
+        if kind not in states:
+            continue
+        for name in names(where):
+            reason = state.reason(where, name)
+            read = _read(queue, where, name) if kind == "failed" else None
+            st = state.lstat(where, name)
+            if st is None:
+                continue
+            data, size, sender, recipients = read[:4] if read else (b"", st.st_size, None, None)
+            recipients = _addresses(reason.get("recipients", "").split(",")) or recipients
+            marked = state.lstat(where, f"{name}.reason")
+            found.append(Entry(name, kind, data, size, sender, recipients,
+                               int(_number(reason.get("attempts")) or 0), _number(reason.get("first_seen")),
+                               reason=reason.get("reason", "?"),
+                               failed_at=_number(reason.get("failed_at")) or (marked or st).st_mtime))
+    return found
+
+
+def make_due(queue: SpoolQueue, ids: Sequence[str] | None, now: float) -> list[str]:
+    """Rewrite each deferred message's schedule with next_try = now (atomically)."""
+    state, done = queue.state, []
+    for name in state.names("deferred"):
+        if ids is not None and name not in ids:
+            continue
+        schedule = state.schedule(name)
+        next_try = _number(schedule.get("next_try"))
+        if not schedule or next_try is None or next_try <= now:
+            continue
+        state.write_schedule(name, {**schedule, "next_try": now})
+        done.append(name)
+    return done
+
+
+def requeue(queue: SpoolQueue, ids: Sequence[str] | None, now: float) -> list[tuple[str, str]]:
+    """Each failed message back into the spool by rename, then its .reason removed.
+
+    One that reached some recipients (a partial send) goes to deferred/ instead, with a
+    schedule naming only those still to get it (written first, so a crash leaves the
+    message in failed/ and at worst an orphan schedule that the relay prunes).
+    """
+    state, done = queue.state, []
+    failed_fd, spool_fd = state.fd("failed"), queue.dir_fd(SPOOL)
+    for name in state.names("failed"):
+        if name.endswith(".reason") or (ids is not None and name not in ids):
+            continue
+        reason = state.reason("failed", name)
+        recipients = _addresses(reason.get("recipients", "").split(","))
+        if recipients:
+            target = state.free_name("deferred", name)
+            state.write_schedule(target, {"attempts": 0, "first_seen": _number(reason.get("first_seen")) or now,
+                                          "next_try": now, "last_try": None, "last_error": reason.get("reason"),
+                                          "recipients": list(recipients)})
+            os.rename(name, target, src_dir_fd=failed_fd, dst_dir_fd=state.fd("deferred"))
+            os.fsync(state.fd("deferred"))
+        else:
+            target, n = name, 0
+            while _exists(spool_fd, target):
+                n += 1
+                target = f"{name}.{n}"
+            os.rename(name, target, src_dir_fd=failed_fd, dst_dir_fd=spool_fd)
+            os.fsync(spool_fd)
+        os.fsync(failed_fd)
+        state.unlink("failed", f"{name}.reason")
+        done.append((name, target))
+    return done
+
+
+def _read(queue: SpoolQueue, where: str, name: str):
+    """(data, size, sender, recipients, problem, mtime) of one entry, read as the relay would
+    read it (`problem`: why the relay would refuse it, and then no data); None if it is gone."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=queue.dir_fd(where))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return b"", 0, None, None, e.strerror or str(e), 0.0
+    try:
+        st = os.fstat(fd)
+        problem = queue.refusal(st, trusted=where != SPOOL)
+        if problem is not None:
+            return b"", st.st_size, None, None, problem, st.st_mtime
+        data = read_all(fd, queue.max_size)
+    finally:
+        os.close(fd)
+    try:
+        envelope = split_envelope(data)
+    except ValueError as e:
+        return b"", len(data), None, None, f"bad mailrelayd envelope: {e}", st.st_mtime
+    if envelope is None:
+        return data, len(data), None, None, None, st.st_mtime
+    sender, recipients, message = envelope
+    return message, len(data), sender, recipients, None, st.st_mtime
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number and abs(number) < 1e12 else None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _addresses(values) -> tuple[str, ...] | None:
+    """The plain addresses in a recorded list (JSON list, or the items of a .reason line)."""
+    if not isinstance(values, list):
+        return None
+    found = tuple(v.strip() for v in values if isinstance(v, str) and is_plain_address(v.strip()))
+    return found or None
