@@ -11,7 +11,7 @@ from mailrelayd.config import Config, ConfigError
 from mailrelayd.queues import Queue
 from mailrelayd.queues.spool import SpoolQueue
 from mailrelayd.queues.sqlite import SqliteQueue
-from mailrelayd.relay import Relay, RetryPolicy
+from mailrelayd.relay import Relay, RetryPolicy, Supervision
 from mailrelayd.transports import Transport
 from mailrelayd.transports.maildir import MaildirTransport
 from mailrelayd.transports.pipe import PipeTransport
@@ -57,14 +57,14 @@ def make_transport(config: Config) -> Transport:
         raise ConfigError(str(e)) from None
 
 
-def make_relay(config: Config) -> Relay:
-    """The relay of one queue (a Config of queue_configs, never a glob); ConfigError if its
-    transport cannot work as configured."""
+def make_relay(config: Config, supervision: Supervision = Supervision()) -> Relay:
+    """The relay of one queue (a Config of queue_configs, never a glob), supervised so if
+    a daemon runs it; ConfigError if its transport cannot work as configured."""
     queue = make_queue(config)
     transport = make_transport(config)
     retry = RetryPolicy(config.retry_delay, config.max_retry_delay, config.max_age)
     return Relay(queue, transport, workers=config.workers, retry=retry, poll_interval=config.poll_interval,
-                 envelope_from=config.envelope_from, notify_failed=config.notify_failed)
+                 envelope_from=config.envelope_from, notify_failed=config.notify_failed, supervision=supervision)
 
 
 def configure_log(config: Config, stream=None) -> None:

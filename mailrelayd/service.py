@@ -21,8 +21,9 @@ from mailrelayd import log as logmod
 from mailrelayd.config import Config, ConfigError, expand, is_glob
 from mailrelayd.log import get_logger
 from mailrelayd.queuelock import QueueLock
-from mailrelayd.relay import Relay
+from mailrelayd.relay import Relay, Supervision
 from mailrelayd.sdnotify import Notifier
+from mailrelayd.watch import Watcher
 
 EX_OK, EX_NOINPUT, EX_SOFTWARE, EX_TEMPFAIL = 0, 66, 70, 75
 STATUS_EVERY = 10.0  # STATUS= line and metrics gauges
@@ -46,7 +47,7 @@ class _Running:
 
 
 class Service:
-    def __init__(self, config: Config, *, build_relay: Callable[[Config], Relay],
+    def __init__(self, config: Config, *, build_relay: Callable[[Config, Supervision], Relay],
                  reload_config: Callable[[], Config], notifier: Notifier | None = None, metrics=None,
                  lock_path: Callable[[Config], Path], configure_log: Callable[[Config], None] = lambda c: None,
                  monotonic: Callable[[], float] = time.monotonic):
@@ -69,6 +70,7 @@ class Service:
         self.exit_status = EX_OK
         self._next_sync = self._next_status = self._next_ping = 0.0
         self._said_stalled: set[Path] = set()
+        self._watcher = Watcher()  # one inotify Observer for every queue
 
     # -- called from signal handlers: set a flag, post a token --------------------------
 
@@ -119,6 +121,7 @@ class Service:
             for lock in self._locks.values():
                 lock.release()
             self._locks.clear()
+            self._watcher.close()
             if self.metrics is not None:
                 self.metrics.close()
             self.notifier.close()
@@ -134,7 +137,7 @@ class Service:
         if self._scan:
             self._scan = False
             for running in self._running.values():
-                running.relay.wake()
+                running.relay.scan()
             self._next_sync = 0.0
         self._reap()
         if self._stop:
@@ -147,7 +150,7 @@ class Service:
         if not self._running and not self._said and not globs:
             self.exit_status = max(self._ended.values(), default=EX_OK)
             return None  # every queue's relay has given up, and none can appear
-        if not self._ready and all(r.relay.open_attempted for r in self._running.values()):
+        if not self._ready and all(r.relay.status().state != "starting" for r in self._running.values()):
             self._ready = True
             self.notifier.ready(self._status_line())
             self.log.info("service_ready", queues=len(self._running), waiting=len(self._said))
@@ -173,9 +176,10 @@ class Service:
         no ping, so systemd restarts the process)."""
         healthy = True
         for path, running in self._running.items():
-            stalled = running.thread.is_alive() and now - running.relay.heartbeat > interval
+            heartbeat = running.relay.status().heartbeat
+            stalled = running.thread.is_alive() and now - heartbeat > interval
             if stalled and path not in self._said_stalled:
-                self.log.critical("relay_stalled", queue=str(path), seconds=round(now - running.relay.heartbeat, 1),
+                self.log.critical("relay_stalled", queue=str(path), seconds=round(now - heartbeat, 1),
                                   note="no watchdog ping: systemd will restart mailrelayd")
                 self._said_stalled.add(path)
             healthy = healthy and not stalled
@@ -242,23 +246,27 @@ class Service:
             self._locks[path] = lock
         return held_by
 
+    def _supervision(self) -> Supervision:
+        """What every relay is asked: turns often enough for the watchdog, stats for STATUS=
+        and metrics, a word when its state changes, and the one Watcher."""
+        interval = self.notifier.watchdog_interval
+        return Supervision(
+            max_sleep=interval / 2 if interval else None,
+            stats_every=STATUS_EVERY if self.notifier.enabled or self.metrics is not None else None,
+            observer=self.metrics.delivery if self.metrics is not None else None,
+            on_status=lambda: self._events.put(None),
+            watcher=self._watcher,
+        )
+
     def _build(self, queue: Config) -> Relay | None:
         try:
-            relay = self.build_relay(queue)
+            relay = self.build_relay(queue, self._supervision())
         except ConfigError as e:
             self._say(queue.queue_path.absolute(), "queue_not_started", str(e))
             return None
         return relay
 
     def _start(self, path: Path, queue: Config, relay: Relay) -> None:
-        interval = self.notifier.watchdog_interval
-        if interval:
-            relay.max_sleep = interval / 2
-        if self.notifier.enabled or self.metrics is not None:
-            relay.stats_every = STATUS_EVERY
-        if self.metrics is not None:
-            relay.observer = self.metrics.delivery
-        relay.on_change = lambda: self._events.put(None)
         running = _Running(queue, relay, None)
         running.thread = threading.Thread(target=self._run_relay, args=(running,), name=f"relay {path.name}")
         self._running[path] = running
@@ -305,7 +313,7 @@ class Service:
                 path = queue.queue_path.absolute()
                 running = self._running.get(path)
                 if running is None or running.config != queue:
-                    prebuilt[path] = self.build_relay(queue)
+                    prebuilt[path] = self.build_relay(queue, self._supervision())
         except ConfigError as e:
             self.log.error("config_reload_failed", error=str(e), note="the running configuration stays in force")
             for relay in prebuilt.values():
@@ -330,14 +338,14 @@ class Service:
         self.notifier.status(self._status_line())
         if self.metrics is not None:
             for running in self._running.values():
-                if running.relay.stats is not None:
-                    self.metrics.queue_stats(running.relay.queue.name, running.relay.stats)
+                stats = running.relay.status().stats
+                if stats is not None:
+                    self.metrics.queue_stats(running.relay.queue.name, stats)
 
     def _status_line(self) -> str:
-        relays = [r.relay for r in self._running.values()]
-        stats = [r.stats for r in relays if r.stats is not None]
-        totals = [r.totals for r in relays]
-        line = f"{len(relays)} queue{'s' * (len(relays) != 1)}"
+        totals = [r.relay.status() for r in self._running.values()]
+        stats = [t.stats for t in totals if t.stats is not None]
+        line = f"{len(totals)} queue{'s' * (len(totals) != 1)}"
         if self._said:
             line += f" ({len(self._said)} waiting)"
         if stats:

@@ -1,14 +1,16 @@
-"""Wake the relay when a queue's files change (inotify through watchdog).
+"""Wake relays when a queue's files change: one inotify Observer (watchdog) for them all.
 
-Events only wake the relay's loop; nothing is delivered on the watcher's thread. Where
-no events can be had (a missing directory, a file system without inotify, no watches
-left), the relay still finds new mail by polling.
+Events only wake a relay's loop; nothing is delivered on the watcher's threads. Where no
+events can be had (a missing directory, a file system without inotify, no watches left),
+a relay still finds new mail by polling. watchdog runs one reader thread per watched
+directory besides the Observer's own.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +28,7 @@ _WAKING_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMove
 
 
 def _not_the_stop_race(record: logging.LogRecord) -> bool:
-    """watchdog logs this error when an observer stops while an event is being read (a
+    """watchdog logs this error when a watch is removed while an event is being read (a
     relay stopping at a reload): harmless, and not worth a line on stderr."""
     return "called when the thread is inactive" not in str(record.msg)
 
@@ -45,36 +47,68 @@ class _Handler(FileSystemEventHandler):
             self._wake()
 
 
-class DirectoryWatcher:
-    """Tells `notice(kind, path)` of every file in `directory` created, written, closed
-    after writing or moved in, and calls `wake()` when it answers True."""
+class Watch:
+    """One directory watched for one relay; `stop()` ends it."""
 
-    def __init__(self, directory: Path, notice: Callable[[str, str], bool], wake: Callable[[], None]):
+    def __init__(self, watcher: Watcher, directory: Path, notice: Callable[[str, str], bool],
+                 wake: Callable[[], None]):
         self.directory = directory
+        self._watcher = watcher
         self._handler = _Handler(notice, wake)
-        self._observer = None
+        self._watch = None
 
     @property
     def running(self) -> bool:
-        return self._observer is not None
+        return self._watch is not None
 
     def start(self) -> str | None:
-        """Start watching; return None on success, else why events are unavailable."""
-        if self._observer is not None:
+        """Start watching; None on success, else why events are unavailable (try again later)."""
+        if self._watch is not None:
             return None
         if not self.directory.is_dir():
             return f"{self.directory}: no such directory"
-        observer = Observer()
         try:
-            observer.schedule(self._handler, str(self.directory), event_filter=_WAKING_EVENTS)
-            observer.start()
+            self._watch = self._watcher.schedule(self._handler, self.directory)
         except OSError as e:
             return f"{self.directory}: {e.strerror or e}"
-        self._observer = observer
         return None
 
     def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        if self._watch is not None:
+            self._watcher.unschedule(self._watch)
+            self._watch = None
+
+
+class Watcher:
+    """The one Observer of a process, started with its first watch, stopped by `close()`."""
+
+    def __init__(self):
+        self._observer: Observer | None = None
+        self._lock = threading.Lock()
+
+    def watch(self, directory: Path, notice: Callable[[str, str], bool], wake: Callable[[], None]) -> Watch:
+        """A watch of `directory` that tells `notice(kind, path)` of every file created,
+        written, closed after writing or moved in, and calls `wake()` when it answers True."""
+        return Watch(self, directory, notice, wake)
+
+    def schedule(self, handler: FileSystemEventHandler, directory: Path):
+        with self._lock:
+            if self._observer is None:
+                self._observer = Observer()
+                self._observer.start()
+            return self._observer.schedule(handler, str(directory), event_filter=_WAKING_EVENTS)
+
+    def unschedule(self, watch) -> None:
+        with self._lock:
+            if self._observer is not None:
+                try:
+                    self._observer.unschedule(watch)
+                except KeyError:  # already gone with its directory
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
