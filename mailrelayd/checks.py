@@ -88,7 +88,9 @@ def queue_problems(config: Config) -> list[str]:
         if head and head != SQLITE_MAGIC:
             return [f"queue {db}: not a SQLite database"]
         return []
+    assert config.spool is not None
     spool, state = config.spool.absolute(), state_dir(config)
+    assert state is not None
     problem = _writable_dir(spool, "spool")
     if problem:
         return [problem]

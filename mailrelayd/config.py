@@ -374,7 +374,7 @@ def expand(config: Config) -> list[Config]:
         for match in sorted(glob.glob(str(path))):
             if key == "spool" and (match.endswith(".mailrelayd") or not Path(match).is_dir()):
                 continue  # a state directory, or a file: not a spool
-            found.append(replace(queue, **{key: Path(match)}))
+            found.append(replace(queue, db=Path(match)) if key == "db" else replace(queue, spool=Path(match)))
     return found
 
 
@@ -405,7 +405,7 @@ def _build_one(file_values: dict[str, Any], flag_values: dict[str, Any], source:
         for k in ways:
             if k not in by_flag:
                 del values[k]
-    if "db" in values and "spool" in values or need_queue and "db" not in values and "spool" not in values:
+    if ("db" in values and "spool" in values) or (need_queue and "db" not in values and "spool" not in values):
         raise ConfigError("give one queue: db (--db FILE) or spool (--spool DIR), or [[queue]] tables")
     config = Config(**values)
     if config.max_retry_delay < config.retry_delay:

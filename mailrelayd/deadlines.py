@@ -78,4 +78,5 @@ class Deadlines:
                     continue
                 heapq.heappop(self._heap)
                 entry.fired = True
-                entry.expire()
+                if entry.expire is not None:
+                    entry.expire()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import secrets
 import sys
 import time
@@ -32,17 +33,15 @@ DEFAULT_SPOOL = "/var/spool/mailrelayd"
 SPOOL_ENV = "MAILRELAYD_SPOOL"
 FILE_MODE = 0o640  # set with fchmod, whatever the umask: the relay may read as the group
 TEMP_PREFIX = ".mailrelayd-tmp-"  # dot files are ignored by the relay
-EX_USAGE, EX_SOFTWARE, EX_IOERR, EX_TEMPFAIL = 64, 70, 74, 75
 
 _PROG = "mailrelayd-sendmail"
 _FLAGS = set("tivUG")  # -t, -i, -v, -U, -G: no argument
 _WITH_ARGUMENT = set("fFrbeoNBRVXLO")  # argument attached (-fADDR) or next (-f ADDR)
-_SPECIALS = set('<>"(),;:\\[]@')
 _RENAME_NOREPLACE = 1
 
 
 class UsageError(Exception):
-    """The command line or the message cannot be accepted (exit EX_USAGE)."""
+    """The command line or the message cannot be accepted (exit os.EX_USAGE)."""
 
 
 @dataclass
@@ -99,26 +98,25 @@ def parse_args(argv: list[str]) -> Request:
     return request
 
 
-def is_plain_address(address: str) -> bool:
-    """True if `address` is a plain local@domain (or a bare local name).
+# The one rule for a plain address, used by the injector, the relay and the config alike:
+# a dot-atom local part of atext (and non-ASCII letters), and a domain of letters, digits
+# and hyphens or a domain literal ([192.0.2.1], [IPv6:2001:db8::1]).
+_ATOM = r"[\w!#$%&'*+/=?^`{|}~-]+"
+_PLAIN = re.compile(rf"{_ATOM}(?:\.{_ATOM})*(?:@(?:[\w-]+(?:\.[\w-]+)*|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]))?")
 
-    Refuses what a command line or SMTP could misread: a leading "-", whitespace, control
-    characters, and any of <>"(),;:\\[]@ except inside a domain literal ("a@[192.0.2.1]").
-    """
-    if not address or len(address) > 254 or address.startswith("-") or not address.isprintable():
-        return False
-    if any(c.isspace() for c in address):
-        return False
-    local, at, domain = address.rpartition("@")
-    if not at:
-        local, domain = address, ""
-    elif not local or not domain:
-        return False
-    if domain.startswith("[") and domain.endswith("]") and len(domain) > 2:
-        if set(domain[1:-1]) & set("[]\\"):
-            return False
-        domain = ""  # a domain literal may hold ":" (IPv6)
-    return not (set(local) | set(domain)) & _SPECIALS
+
+def is_plain_address(address: str, need_domain: bool = False) -> bool:
+    """True if `address` is a plain local@domain (or, unless `need_domain`, a bare local
+    name such as "root"), and nothing a command line, a mail system or SMTP could take
+    for more: no leading "-" (an option), "|" (a command) or "/" (a file), no spaces,
+    quotes, comments, brackets or control characters, at most 254 characters."""
+    return (
+        0 < len(address) <= 254
+        and address[0] not in "-|/"
+        and (not need_domain or "@" in address)
+        and "_" not in address.rpartition("@")[2]
+        and _PLAIN.fullmatch(address) is not None
+    )
 
 
 def _checked(address: str, what: str) -> str:
@@ -144,7 +142,9 @@ def split_envelope(data: bytes) -> tuple[str, tuple[str, ...], bytes] | None:
         return None
     if not data.startswith(ENVELOPE_MAGIC):
         raise ValueError("unknown envelope version: " + repr(data[:40].split(b"\n")[0]))
-    sender, recipients, pos = None, [], len(ENVELOPE_MAGIC)
+    sender: str | None = None
+    recipients: list[str] = []
+    pos = len(ENVELOPE_MAGIC)
     while True:
         end = data.find(b"\n", pos)
         if end < 0:
@@ -233,7 +233,7 @@ def spool_file_name() -> str:
     return f"{stamp}{os.getpid() % 10000:04d}{secrets.randbelow(1_000_000):06d}.email"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc_renameat2():
     """Linux renameat2() through ctypes, as f(src, dst, dir_fd) -> errno; None if absent."""
     try:
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run as sendmail would; return the exit status (sysexits.h). Prints only on failure."""
     try:
         return _run(sys.argv[1:] if argv is None else list(argv))
-    except Exception as error:  # a bug: still a single line, as Trac reads stderr
-        return _fail(EX_SOFTWARE, f"internal error: {error!r}")
+    except Exception as error:  # noqa: BLE001 -- a bug: still a single line, as Trac reads stderr
+        return _fail(os.EX_SOFTWARE, f"internal error: {error!r}")
 
 
 def _run(argv: list[str]) -> int:
@@ -348,14 +348,14 @@ def _run(argv: list[str]) -> int:
         request = parse_args(argv)
         sender, recipients, message = prepare(request, _read_message())
     except UsageError as error:
-        return _fail(EX_USAGE, str(error))
+        return _fail(os.EX_USAGE, str(error))
     except OSError as error:
-        return _fail(EX_IOERR, f"cannot read the message: {error.strerror or error}")
+        return _fail(os.EX_IOERR, f"cannot read the message: {error.strerror or error}")
     spool = request.spool or os.environ.get(SPOOL_ENV) or DEFAULT_SPOOL
     try:
         enqueue(spool, sender, recipients, message)
     except OSError as error:
-        return _fail(EX_TEMPFAIL, f"cannot queue the message in {spool}: {error.strerror or error}")
+        return _fail(os.EX_TEMPFAIL, f"cannot queue the message in {spool}: {error.strerror or error}")
     return 0
 
 

@@ -13,9 +13,9 @@ import os
 import socket
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -24,22 +24,6 @@ SYSLOG_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 
 
 _file_writer: _FileWriter | None = None
 _syslog_writer: _SyslogWriter | None = None
-
-
-class _UtcTimestamp:
-    """Adds `timestamp` in ISO 8601 UTC (2026-11-22T03:41:57.123456Z), formatting each
-    second only once: a log line per delivered message makes this worth it."""
-
-    def __init__(self):
-        self._second, self._prefix = -1, ""
-
-    def __call__(self, logger, method_name, event_dict):
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-        return event_dict
 
 
 class _FileWriter:
@@ -199,9 +183,10 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     old = (_file_writer, _syslog_writer)
     file_writer = _FileWriter(log_file) if log_file is not None else None
     syslog_writer = _SyslogWriter(syslog_address) if syslog_address is not None else None
-    processors: list = [structlog.processors.add_log_level, _UtcTimestamp()]
+    processors: list = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    factory: Callable[..., Any]
     if file_writer or syslog_writer:
-        sinks = []
+        sinks: list[tuple[Callable[..., str], _FileWriter | _SyslogWriter]] = []
         if file_writer:
             sinks.append((_renderer("json" if log_format == "auto" else log_format), file_writer))
         if syslog_writer:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_to_datetime
 
+from mailrelayd.inject import is_plain_address
+
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _FIELD_LINE = re.compile(rb"[!-9;-~]+:")
-_SAFE_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@(?:\w(?:[\w.-]*\w)?|\[[0-9A-Fa-f:.]+\])")
 
 
 class MalformedMessage(ValueError):
@@ -105,20 +106,9 @@ def _fields(header: bytes) -> dict[str, list[str]]:
 
 
 def safe_address(address: str) -> str | None:
-    """`address` if it may be put on a command line or in MAIL FROM, else None.
-
-    Refuses anything that is not a plain local@domain, and anything starting with "-"
-    (it would be read as an option).
-    """
-    if (
-        not address
-        or address.startswith("-")
-        or len(address) > 254
-        or not address.isprintable()
-        or not _SAFE_ADDRESS.fullmatch(address)
-    ):
-        return None
-    return address
+    """`address` if it may be put on a command line or in MAIL FROM (a plain local@domain,
+    by the one rule of mailrelayd.inject), else None."""
+    return address if is_plain_address(address, need_domain=True) else None
 
 
 def to_lf(data: bytes) -> bytes:
@@ -146,8 +136,9 @@ def _addresses(values: list[str]) -> list[str]:
     for value in values:
         members = value.split(",")
         matches = [_PLAIN_MEMBER.fullmatch(m) for m in members if m.strip()]
-        if all(matches):
-            found += [m[1] or m[2] for m in matches]
+        plain = [m for m in matches if m is not None]
+        if len(plain) == len(matches):
+            found += [m[1] or m[2] for m in plain]
         else:
             found += [a for _, a in getaddresses([value]) if a.strip()]
     return found

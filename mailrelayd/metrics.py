@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 OUTCOMES = ("sent", "deferred", "failed")
 STATES = ("queued", "deferred", "failed")
@@ -56,7 +57,8 @@ class Metrics:
 
     def forget(self, queue: str) -> None:
         """Drop every series of `queue` (no longer relayed)."""
-        labelsets = [(metric, (queue,)) for metric in (*self._outcomes.values(), self._seconds, self._oldest)]
+        labelsets: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
+            (metric, (queue,)) for metric in (*self._outcomes.values(), self._seconds, self._oldest)]
         labelsets += [(self._messages, (queue, state)) for state in STATES]
         for metric, labels in labelsets:
             with contextlib.suppress(KeyError):  # older prometheus_client raise it if absent
@@ -72,5 +74,6 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._thread.join()
+            if self._thread is not None:
+                self._thread.join()
             self._server = self._thread = None

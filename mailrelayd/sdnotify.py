@@ -46,7 +46,7 @@ class Notifier:
 
     def send(self, *assignments: str) -> bool:
         """Send "A=1\\nB=2" in one datagram; False (and `last_error`) instead of raising."""
-        if not self.enabled:
+        if self.address is None:
             return False
         try:
             if self._sock is None:

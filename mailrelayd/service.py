@@ -10,11 +10,12 @@ queue never holds up another.
 
 from __future__ import annotations
 
+import os
 import queue as stdqueue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mailrelayd import log as logmod
@@ -25,7 +26,6 @@ from mailrelayd.relay import Relay, Supervision
 from mailrelayd.sdnotify import Notifier
 from mailrelayd.watch import Watcher
 
-EX_OK, EX_NOINPUT, EX_SOFTWARE, EX_TEMPFAIL = 0, 66, 70, 75
 STATUS_EVERY = 10.0  # STATUS= line and metrics gauges
 
 
@@ -42,7 +42,7 @@ class QueueHeld(Exception):
 class _Running:
     config: Config
     relay: Relay
-    thread: threading.Thread | None
+    thread: threading.Thread = field(init=False)
     status: int | None = None  # Relay.run's exit status, once it has returned
 
 
@@ -67,7 +67,7 @@ class Service:
         self._events: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
         self._stop = self._reload = self._scan = False
         self._ready = False
-        self.exit_status = EX_OK
+        self.exit_status = os.EX_OK
         self._next_sync = self._next_status = self._next_ping = 0.0
         self._said_stalled: set[Path] = set()
         self._watcher = Watcher()  # one inotify Observer for every queue
@@ -148,7 +148,7 @@ class Service:
             self._sync()
             self._next_sync = now + self.config.poll_interval
         if not self._running and not self._said and not globs:
-            self.exit_status = max(self._ended.values(), default=EX_OK)
+            self.exit_status = max(self._ended.values(), default=os.EX_OK)
             return None  # every queue's relay has given up, and none can appear
         if not self._ready and all(r.relay.status().state != "starting" for r in self._running.values()):
             self._ready = True
@@ -192,11 +192,11 @@ class Service:
                 continue
             del self._running[path]
             running.relay.transport.close()
-            if running.status == EX_SOFTWARE:
-                self.exit_status = EX_SOFTWARE
+            if running.status == os.EX_SOFTWARE:
+                self.exit_status = os.EX_SOFTWARE
                 self.request_stop()  # a bug: stop, so that a supervisor restarts a clean process
             else:
-                self._ended[path] = running.status or EX_OK
+                self._ended[path] = running.status or os.EX_OK
 
     # -- queues: which should run, and starting and stopping them -------------------------
 
@@ -267,7 +267,7 @@ class Service:
         return relay
 
     def _start(self, path: Path, queue: Config, relay: Relay) -> None:
-        running = _Running(queue, relay, None)
+        running = _Running(queue, relay)
         running.thread = threading.Thread(target=self._run_relay, args=(running,), name=f"relay {path.name}")
         self._running[path] = running
         running.thread.start()
@@ -275,9 +275,9 @@ class Service:
     def _run_relay(self, running: _Running) -> None:
         try:
             running.status = running.relay.run()
-        except BaseException as e:  # a bug: say so, and let the supervisor stop the process
+        except BaseException as e:  # noqa: BLE001 -- a bug: say so, and let the supervisor stop the process
             self.log.critical("relay_crashed", queue=running.relay.queue.name, error=repr(e))
-            running.status = EX_SOFTWARE
+            running.status = os.EX_SOFTWARE
         finally:
             self._events.put(None)
 

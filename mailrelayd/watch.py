@@ -23,6 +23,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 _WAKING_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent]
 
@@ -83,7 +84,7 @@ class Watcher:
     """The one Observer of a process, started with its first watch, stopped by `close()`."""
 
     def __init__(self):
-        self._observer: Observer | None = None
+        self._observer: BaseObserver | None = None
         self._lock = threading.Lock()
 
     def watch(self, directory: Path, notice: Callable[[str, str], bool], wake: Callable[[], None]) -> Watch:

@@ -87,3 +87,24 @@ def test_quick_address_parsing_agrees_with_the_email_package(values):
     from mailrelayd.message import _addresses
 
     assert _addresses(values) == [a for v in values for _, a in getaddresses([v]) if a.strip()]
+
+
+_ADDRESS_PARTS = st.sampled_from(["a", "Bob", "x9", "é", "ü", ".", "@", "-", "_", "+", "|", "/", "!", "#", "'",
+                                  "=", "~", "[", "]", "IPv6:", "::1", "192.0.2.1", ":", ";", ",", "<", ">", "(",
+                                  ")", '"', "\\", " ", "\t", "\n", "\x00", "\x7f", "\u2028", "\udcff", "org"])
+
+
+@settings(max_examples=2000)
+@given(st.lists(_ADDRESS_PARTS, max_size=8).map("".join) | st.text(max_size=40))
+def test_a_plain_address_is_one_bare_address_to_the_email_package(text):
+    """Whatever the one plain-address rule accepts, email.utils reads as exactly that one address, no name."""
+    from email.utils import getaddresses, parseaddr
+
+    from mailrelayd.inject import is_plain_address
+
+    if is_plain_address(text):
+        assert parseaddr(text) == ("", text)
+        assert getaddresses([text]) == [("", text)]
+        assert not text.startswith(("-", "|", "/")) and text.isprintable() and " " not in text
+    assert safe_address(text) in (None, text)
+    assert safe_address(text) is None or is_plain_address(text) and "@" in text

@@ -75,16 +75,20 @@ def _drain(queues: list[Config], log, progress: bool) -> int:
     relays = [make_relay(q) for q in queues]
     if not relays:
         log.warning("no_queues_found", note="no file matches the configured glob")
+
+    def stop(*_) -> None:
+        for relay in relays:
+            relay.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: [relay.stop() for relay in relays])
+        signal.signal(signum, stop)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        total = sum(relay.pending() or 0 for relay in relays)
         size = shutil.get_terminal_size()  # 80x24 for a terminal of unknown size (tqdm would show nothing)
-        bar = tqdm(total=total, unit="msg", delay=1.0, file=sys.stderr, leave=False, ncols=size.columns,
-                   nrows=size.lines)
+        bar = tqdm(total=sum(relay.pending() or 0 for relay in relays), unit="msg", delay=1.0, file=sys.stderr,
+                   leave=False, ncols=size.columns, nrows=size.lines)
     total = DrainReport()
     try:
         for relay in relays:
@@ -94,9 +98,7 @@ def _drain(queues: list[Config], log, progress: bool) -> int:
                 relay.transport.close()
             if report.queue_error:
                 log.error("queue_unavailable", queue=relay.queue.name, error=report.queue_error)
-                total.queue_error = report.queue_error
-            total.sent, total.deferred, total.failed = (total.sent + report.sent, total.deferred + report.deferred,
-                                                        total.failed + report.failed)
+            total.add(report)
     finally:
         if bar is not None:
             bar.close()

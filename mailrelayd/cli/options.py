@@ -21,8 +21,8 @@ class Parser(argparse.ArgumentParser):
     `--smtp-password-file`) whose usage errors are one line naming the options, never
     echoing their values (a secret?), with the usage, and exit status 64."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments: "):

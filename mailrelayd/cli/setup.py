@@ -104,10 +104,10 @@ def effective_lines(config: Config, base: Config | None = None) -> list[str]:
     With `base` (the top level, for a [[queue]] table): only what differs from it."""
     lines = []
     for f in fields(Config):
-        if f.name == "queues" or f.name in PROCESS_KEYS and base is not None:
+        if f.name == "queues" or (f.name in PROCESS_KEYS and base is not None):
             continue
         value = getattr(config, f.name)
-        if base is not None and (value is None or value == getattr(base, f.name) and f.name not in ("db", "spool")):
+        if base is not None and (value is None or (value == getattr(base, f.name) and f.name not in ("db", "spool"))):
             continue
         if f.name == "state_dir" and config.spool:
             value = checks.state_dir(config)
@@ -137,7 +137,7 @@ def _toml(value) -> str:
 
 
 def test_message(config: Config, args) -> int:
-    bad = [r for r in args.recipients if not is_plain_address(r) or "@" not in r]
+    bad = [r for r in args.recipients if not is_plain_address(r, need_domain=True)]
     for r in bad:
         fail(f"not a plain address: {r!r}"[:200], os.EX_USAGE)
     if bad:

@@ -12,7 +12,6 @@ import socket
 import time
 from pathlib import Path
 
-from mailrelayd.files import fsync_dir
 from mailrelayd.message import Envelope, to_lf
 from mailrelayd.outcome import Outcome, Sent, TemporaryFailure
 
@@ -43,3 +42,12 @@ class MaildirTransport:
 
     def close(self) -> None:
         pass
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new or removed name) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

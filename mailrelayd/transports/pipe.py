@@ -24,23 +24,8 @@ from mailrelayd.deadlines import Deadlines
 from mailrelayd.message import Envelope, to_lf
 from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
 
-SYSEXITS = {
-    64: "EX_USAGE",
-    65: "EX_DATAERR",
-    66: "EX_NOINPUT",
-    67: "EX_NOUSER",
-    68: "EX_NOHOST",
-    69: "EX_UNAVAILABLE",
-    70: "EX_SOFTWARE",
-    71: "EX_OSERR",
-    72: "EX_OSFILE",
-    73: "EX_CANTCREAT",
-    74: "EX_IOERR",
-    75: "EX_TEMPFAIL",
-    76: "EX_PROTOCOL",
-    77: "EX_NOPERM",
-    78: "EX_CONFIG",
-}
+# sysexits.h names by status (64 EX_USAGE ... 78 EX_CONFIG), for the error a log shows.
+SYSEXITS = {getattr(os, name): name for name in dir(os) if name.startswith("EX_") and 64 <= getattr(os, name) <= 78}
 
 
 class PipeTransport:

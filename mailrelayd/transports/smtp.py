@@ -550,7 +550,7 @@ class _Smtp(smtplib.SMTP):
 
 
 class _Connection:
-    __slots__ = ("smtp", "features", "messages", "dirty", "idle_since", "stage")
+    __slots__ = ("dirty", "features", "idle_since", "messages", "smtp", "stage")
 
     def __init__(self):
         self.smtp: smtplib.SMTP | None = None

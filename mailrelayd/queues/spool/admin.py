@@ -14,35 +14,30 @@ from typing import TYPE_CHECKING
 
 from mailrelayd.inject import is_plain_address, split_envelope
 from mailrelayd.queues import Entry
-from mailrelayd.queues.spool.state import read_all
+from mailrelayd.queues.spool.rules import READ_FLAGS, number, read_all
+from mailrelayd.queues.spool.state import SPOOL
 
 if TYPE_CHECKING:
     from mailrelayd.queues.spool.queue import SpoolQueue
-
-SPOOL = "spool"
-
 
 def entries(queue: SpoolQueue, states: set[str], now: float, only: str | None = None) -> list[Entry]:
     """The messages in `states` (new, deferred, failed, refused); with `only`, just that name."""
     state, found = queue.state, []
 
     def names(where: str) -> list[str]:
-        if where == SPOOL:
-            listed = sorted(n for n in os.listdir(queue.dir_fd(SPOOL)) if not n.startswith("."))
-        else:
-            listed = [n for n in state.names(where) if not (where in ("failed", "corrupt") and n.endswith(".reason"))]
+        listed = [n for n in state.names(where) if not (where in ("failed", "corrupt") and n.endswith(".reason"))]
         return [n for n in listed if only is None or n == only]
 
     if states & {"new", "deferred"}:
         for name in names("deferred"):
             schedule = state.schedule(name)
-            next_try = _number(schedule.get("next_try"))
+            next_try = number(schedule.get("next_try"))
             kind = "deferred" if next_try is not None and next_try > now else "new"
             if kind in states and (read := _read(queue, "deferred", name)):
                 data, size, sender, recipients, problem, mtime = read
                 found.append(Entry(name, kind, data, size, sender, _addresses(schedule.get("recipients")) or recipients,
-                                   int(_number(schedule.get("attempts")) or 0),
-                                   _number(schedule.get("first_seen")) or mtime, _number(schedule.get("last_try")),
+                                   int(number(schedule.get("attempts")) or 0),
+                                   number(schedule.get("first_seen")) or mtime, number(schedule.get("last_try")),
                                    next_try, _text(schedule.get("last_error")) or problem))
     if "new" in states:
         for name in names(SPOOL):
@@ -63,9 +58,9 @@ def entries(queue: SpoolQueue, states: set[str], now: float, only: str | None = 
             recipients = _addresses(reason.get("recipients", "").split(",")) or recipients
             marked = state.lstat(where, f"{name}.reason")
             found.append(Entry(name, kind, data, size, sender, recipients,
-                               int(_number(reason.get("attempts")) or 0), _number(reason.get("first_seen")),
+                               int(number(reason.get("attempts")) or 0), number(reason.get("first_seen")),
                                reason=reason.get("reason", "?"),
-                               failed_at=_number(reason.get("failed_at")) or (marked or st).st_mtime))
+                               failed_at=number(reason.get("failed_at")) or (marked or st).st_mtime))
     return found
 
 
@@ -76,7 +71,7 @@ def make_due(queue: SpoolQueue, ids: Sequence[str] | None, now: float) -> list[s
         if ids is not None and name not in ids:
             continue
         schedule = state.schedule(name)
-        next_try = _number(schedule.get("next_try"))
+        next_try = number(schedule.get("next_try"))
         if not schedule or next_try is None or next_try <= now:
             continue
         state.write_schedule(name, {**schedule, "next_try": now})
@@ -92,7 +87,7 @@ def requeue(queue: SpoolQueue, ids: Sequence[str] | None, now: float) -> list[tu
     message in failed/ and at worst an orphan schedule that the relay prunes).
     """
     state, done = queue.state, []
-    failed_fd, spool_fd = state.fd("failed"), queue.dir_fd(SPOOL)
+    failed_fd, spool_fd = state.fd("failed"), state.fd(SPOOL)
     for name in state.names("failed"):
         if name.endswith(".reason") or (ids is not None and name not in ids):
             continue
@@ -100,14 +95,14 @@ def requeue(queue: SpoolQueue, ids: Sequence[str] | None, now: float) -> list[tu
         recipients = _addresses(reason.get("recipients", "").split(","))
         if recipients:
             target = state.free_name("deferred", name)
-            state.write_schedule(target, {"attempts": 0, "first_seen": _number(reason.get("first_seen")) or now,
+            state.write_schedule(target, {"attempts": 0, "first_seen": number(reason.get("first_seen")) or now,
                                           "next_try": now, "last_try": None, "last_error": reason.get("reason"),
                                           "recipients": list(recipients)})
             os.rename(name, target, src_dir_fd=failed_fd, dst_dir_fd=state.fd("deferred"))
             os.fsync(state.fd("deferred"))
         else:
             target, n = name, 0
-            while _exists(spool_fd, target):
+            while state.exists(SPOOL, target):
                 n += 1
                 target = f"{name}.{n}"
             os.rename(name, target, src_dir_fd=failed_fd, dst_dir_fd=spool_fd)
@@ -122,17 +117,17 @@ def _read(queue: SpoolQueue, where: str, name: str):
     """(data, size, sender, recipients, problem, mtime) of one entry, read as the relay would
     read it (`problem`: why the relay would refuse it, and then no data); None if it is gone."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=queue.dir_fd(where))
+        fd = os.open(name, READ_FLAGS, dir_fd=queue.state.fd(where))
     except FileNotFoundError:
         return None
     except OSError as e:
         return b"", 0, None, None, e.strerror or str(e), 0.0
     try:
         st = os.fstat(fd)
-        problem = queue.refusal(st, trusted=where != SPOOL)
+        problem = queue.rules.refusal(st, trusted=where != SPOOL)
         if problem is not None:
             return b"", st.st_size, None, None, problem, st.st_mtime
-        data = read_all(fd, queue.max_size)
+        data = read_all(fd, queue.rules.max_size)
     finally:
         os.close(fd)
     try:
@@ -143,22 +138,6 @@ def _read(queue: SpoolQueue, where: str, name: str):
         return data, len(data), None, None, None, st.st_mtime
     sender, recipients, message = envelope
     return message, len(data), sender, recipients, None, st.st_mtime
-
-
-def _exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number == number and abs(number) < 1e12 else None
 
 
 def _text(value) -> str | None:

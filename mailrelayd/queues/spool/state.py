@@ -1,4 +1,5 @@
-"""The state directory beside a spool, where the relay keeps what it took from it:
+"""The directories of a spool queue, held open: the spool itself, and the state directory
+beside it where the relay keeps what it took from the spool:
 
     STATE/deferred/NAME               a message waiting for its next try
     STATE/schedule/NAME               its attempts, first_seen, next_try, last_error (JSON)
@@ -7,11 +8,11 @@
     STATE/sent/NAME                   sent, kept with keep_sent until sentlog_retention
     STATE/tmp/                        state files being written
 
-Every operation goes through descriptors of these directories, opened once without
-following links (openat, renameat, unlinkat relative to them): a link planted in place of
-one of them is refused, never followed. A move is an atomic rename, followed by an fsync
-of both directories; no name in failed/ or corrupt/ is ever reused (`NAME.1`, ...), and a
-name too long to take a suffix is shortened first.
+Every operation goes through descriptors of these directories, opened once (the state's
+without following links) and then used with openat, renameat and unlinkat: a link planted
+in place of one of them is refused, never followed. A move is an atomic rename, followed
+by an fsync of both directories; no name in failed/ or corrupt/ is ever reused (`NAME.1`,
+...), and a name too long to take a suffix is shortened first.
 """
 
 from __future__ import annotations
@@ -21,77 +22,77 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Collection
 from pathlib import Path
 
 from mailrelayd.queues import QueueError
+from mailrelayd.queues.spool.rules import READ_FLAGS, number, read_all
 
 SUBDIRS = ("deferred", "schedule", "failed", "corrupt", "sent", "tmp")
+SPOOL, ROOT = "spool", "root"  # the spool itself, and the state directory (besides SUBDIRS)
 MAX_NAME = 200  # bytes: room left for ".reason" and ".N" within NAME_MAX (255)
+RESCAN_DEFERRED = 60.0  # seconds: notice messages other relays (or an admin) deferred
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class SpoolState:
-    """The directories under `root`, held open between `open` and `close`."""
+    """The spool (`fd(SPOOL)`) and the directories under `root`, held open between `open`
+    and `close`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, spool: Path, root: Path):
+        self.spool = spool
         self.root = root
-        self._root_fd: int | None = None
         self._fds: dict[str, int] = {}
 
     # -- opening -------------------------------------------------------------------------
 
-    def open(self, spool_dev: int) -> None:
-        """Create what is missing and open every directory, refusing links and another file
-        system than the spool's (`spool_dev`: moves between them must be renames)."""
-        if self._root_fd is not None:
+    def open(self) -> None:
+        """Open the spool, then create what is missing of the state and open it, refusing
+        links and another file system than the spool's (moves between them are renames)."""
+        if self._fds:
             return
+        fds: dict[str, int] = {}
         try:
+            fds[SPOOL] = spool_fd = os.open(self.spool, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             parent = self.root.parent.stat()
-        except FileNotFoundError:
-            raise QueueError(f"{self.root.parent}: no such directory") from None
-        except OSError as e:
-            raise QueueError(f"{self.root.parent}: {e.strerror}") from None
-        try:
-            fds = []
             try:
                 existing = os.lstat(self.root)
             except FileNotFoundError:
                 existing = None
             device = existing.st_dev if existing is not None and stat.S_ISDIR(existing.st_mode) else parent.st_dev
-            if device != spool_dev:
-                raise QueueError(f"{self.root} is not on the same file system as the spool: moves would not be"
-                                 " atomic; set state_dir to a directory beside the spool", permanent=True)
+            if device != os.fstat(spool_fd).st_dev:
+                raise QueueError(f"{self.root} is not on the same file system as {self.spool}: moves would not"
+                                 " be atomic; set state_dir to a directory beside the spool", permanent=True)
             if existing is None:
                 os.mkdir(self.root, 0o750)
-            root_fd = _open_dir(str(self.root))
-            fds.append(root_fd)
+            fds[ROOT] = root_fd = _open_dir(str(self.root))
             for sub in SUBDIRS:
                 try:
                     os.mkdir(sub, 0o750, dir_fd=root_fd)
                 except FileExistsError:
                     pass
-                fds.append(_open_dir(sub, root_fd, f"{self.root}/{sub}"))
-        except OSError as e:
-            for fd in fds:
+                fds[sub] = _open_dir(sub, root_fd, f"{self.root}/{sub}")
+        except BaseException as e:
+            for fd in fds.values():
                 os.close(fd)
-            raise QueueError(f"{e.filename or self.root}: {e.strerror}") from None
-        except QueueError:
-            for fd in fds:
-                os.close(fd)
+            if isinstance(e, FileNotFoundError):
+                raise QueueError(f"{e.filename}: no such directory") from None
+            if isinstance(e, NotADirectoryError):
+                raise QueueError(f"{e.filename}: not a directory") from None
+            if isinstance(e, OSError):
+                raise QueueError(f"{e.filename or self.root}: {e.strerror}") from None
             raise
-        self._root_fd = fds[0]
-        self._fds = dict(zip(SUBDIRS, fds[1:]))
+        self._fds = fds
 
     def close(self) -> None:
-        for fd in [self._root_fd, *self._fds.values()]:
-            if fd is not None:
-                os.close(fd)
-        self._root_fd, self._fds = None, {}
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     def fd(self, sub: str) -> int:
+        """The descriptor of SPOOL or of a state subdirectory."""
         if sub not in self._fds:
-            raise QueueError(f"{self.root}: not open")
+            raise QueueError(f"{self.spool}: not open")
         return self._fds[sub]
 
     # -- reading -------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class SpoolState:
         """The bytes of a regular file here (at most `limit`), never through a link; None if
         there is no such file."""
         try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=self.fd(sub))
+            fd = os.open(name, READ_FLAGS, dir_fd=self.fd(sub))
         except (FileNotFoundError, OSError):
             return None
         try:
@@ -213,15 +214,6 @@ class SpoolState:
         return done
 
 
-def read_all(fd: int, limit: int) -> bytes:
-    """At most `limit` bytes of the file."""
-    chunks, total = [], 0
-    while total < limit and (chunk := os.read(fd, min(limit - total, 1 << 20))):
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
-
-
 def _open_dir(name: str, dir_fd: int | None = None, shown: str | None = None) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
@@ -234,3 +226,47 @@ def _open_dir(name: str, dir_fd: int | None = None, shown: str | None = None) ->
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+class DeferredIndex:
+    """(next try, first seen) of each message in deferred/: kept up to date by this relay's
+    own changes, and read again from disk every RESCAN_DEFERRED seconds (or after `stale()`)
+    for the changes of other relays and of administrators."""
+
+    def __init__(self, state: SpoolState):
+        self.state = state
+        self._times: dict[str, tuple[float, float]] | None = None
+        self._scanned = float("-inf")
+
+    def times(self, now: float) -> dict[str, tuple[float, float]]:
+        if self._times is None or now - self._scanned >= RESCAN_DEFERRED:
+            self._times = {}
+            for name in self.state.names("deferred"):
+                schedule = self.state.schedule(name)
+                st = self.state.lstat("deferred", name)
+                if st is not None:  # no schedule (a crash between move and write): due, as old as the file
+                    self._times[name] = (number(schedule.get("next_try"), 0.0),
+                                         number(schedule.get("first_seen"), st.st_mtime))
+            self._scanned = now
+        return self._times
+
+    def due(self, now: float, held: Collection[str]) -> list[str]:
+        """Names due by now, soonest first, but those `held`."""
+        due = [(t, name) for name, (t, _) in self.times(now).items() if t <= now and name not in held]
+        return [name for _, name in sorted(due)]
+
+    def next_try(self, held: Collection[str]) -> float | None:
+        """The soonest next try known (without reading the disk), but of those `held`."""
+        return min((t for name, (t, _) in (self._times or {}).items() if name not in held), default=None)
+
+    def set(self, name: str, next_try: float, first_seen: float | None = None) -> None:
+        if self._times is not None:
+            self._times[name] = (next_try, first_seen if first_seen is not None
+                                 else self._times.get(name, (next_try, next_try))[1])
+
+    def forget(self, name: str) -> None:
+        if self._times is not None:
+            self._times.pop(name, None)
+
+    def stale(self) -> None:
+        self._scanned = float("-inf")

@@ -81,7 +81,7 @@ class SqliteQueue:
         self.watch_dir = path.parent
         self.lock_path = path.absolute().with_name(path.name + ".mailrelayd.lock")
         self.lease = lease
-        self.sent_record = "sent log entries"
+        self.sent_record: str | None = "sent log entries"
         self.sentlog_retention = sentlog_retention
         self.owner = owner_token()
         self._conn: sqlite3.Connection | None = None
