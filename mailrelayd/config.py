@@ -3,17 +3,22 @@
 Every setting has a TOML key and a command-line flag of the same name (`poll_interval`
 and `--poll-interval`); flags win over the file, the file over defaults. Values are
 checked here, once; a bad one raises ConfigError with a single line naming the key.
+The SMTP keys are declared by SmtpSettings (transports/smtp/settings.py) and held in
+`Config.smtp`; the parsers are in values.py.
 """
 
 from __future__ import annotations
 
 import glob
 import tomllib
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from mailrelayd import values
+from mailrelayd.transports.smtp.settings import OPTIONS as SMTP_OPTIONS
+from mailrelayd.transports.smtp.settings import SmtpSettings
 from mailrelayd.values import Option
 
 DEFAULT_CONFIG = Path("/etc/mailrelayd.toml")
@@ -34,23 +39,7 @@ class Config:
     spool_owner: int | None = None
     command: tuple[str, ...] = ("/usr/sbin/sendmail", "-ti")
     maildir: Path | None = None
-    smtp_server: str | None = None
-    smtp_port: int = 25
-    use_tls: str | None = None  # None: implicit on port 465, else starttls
-    smtp_ca_file: Path | None = None
-    smtp_insecure: bool = False
-    smtp_user: str | None = None
-    smtp_password_file: Path | None = None
-    smtp_allow_plaintext_auth: bool = False
-    smtp_from: str | None = None
-    smtp_default_domain: str | None = None
-    use_short_addr: bool = False
-    smtp_always_bcc: tuple[str, ...] = ()
-    smtp_helo: str | None = None
-    smtp_max_messages: int = 100
-    smtp_idle_timeout: float = 30.0
-    smtp_connect_timeout: float = 30.0
-    smtp_reply_timeout: float = 60.0
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)  # the smtp_* keys, use_tls and use_short_addr
     workers: int = 4
     timeout: float = 60.0
     poll_interval: float = 10.0
@@ -86,6 +75,12 @@ class Config:
     def queue_path(self) -> Path:
         return self.db or self.spool  # type: ignore[return-value]
 
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """(key, value) of every setting, in OPTIONS order; the SMTP ones from `smtp`."""
+        smtp = dict(self.smtp.items())
+        for option in OPTIONS:
+            yield option.key, smtp[option.key] if option.key in smtp else getattr(self, option.key)
+
 
 OPTIONS = [
     Option("db", values.path, "FILE", "Fossil's email queue database (email-send-db)"),
@@ -100,24 +95,7 @@ OPTIONS = [
     Option("command", values.command, "CMD", "sendmail-compatible command, split like a shell but not run by one"
            " (default: '/usr/sbin/sendmail -ti')"),
     Option("maildir", values.path, "DIR", "deliver into this local Maildir instead of running a command"),
-    Option("smtp_server", values.host, "HOST", "send to this SMTP server (smarthost) instead of running a command"),
-    Option("smtp_port", values.int_range(1, 65535), "PORT", "the SMTP server's port (default: 25)"),
-    Option("use_tls", values.choice("starttls", "implicit", "none"), "MODE", "starttls, implicit or none"
-           " (default: implicit on port 465, else starttls)"),
-    Option("smtp_ca_file", values.path, "FILE", "CA certificates (PEM) to verify the SMTP server with"),
-    Option("smtp_insecure", values.boolean, "", "do not verify the SMTP server's certificate (unsafe)"),
-    Option("smtp_user", values.text, "USER", "log in to the SMTP server as this user"),
-    Option("smtp_password_file", values.path, "FILE", "file holding the SMTP password (never a flag or TOML value)"),
-    Option("smtp_allow_plaintext_auth", values.boolean, "", "allow logging in without TLS"),
-    Option("smtp_from", values.address, "ADDR", "fixed SMTP envelope sender (default: as envelope_from)"),
-    Option("smtp_default_domain", values.domain, "DOMAIN", "append @DOMAIN to recipients without a domain"),
-    Option("use_short_addr", values.boolean, "", "send recipients without a domain unchanged"),
-    Option("smtp_always_bcc", values.addresses, "LIST", "extra recipients of every message, never in its headers"),
-    Option("smtp_helo", values.host, "NAME", "name to give in EHLO (default: this host's)"),
-    Option("smtp_max_messages", values.int_range(1, 100000), "N", "messages per SMTP connection (default: 100)"),
-    Option("smtp_idle_timeout", values.duration(0.1), "DURATION", "close SMTP connections idle this long (default: 30s)"),
-    Option("smtp_connect_timeout", values.duration(0.1), "DURATION", "give up connecting after (default: 30s)"),
-    Option("smtp_reply_timeout", values.duration(0.1), "DURATION", "give up waiting for a reply after (default: 60s)"),
+    *SMTP_OPTIONS,
     Option("workers", values.int_range(1, 256), "N", "deliveries run at once (default: 4)"),
     Option("timeout", values.duration(1), "DURATION", "kill a delivery that takes longer (default: 60s)"),
     Option("poll_interval", values.duration(0.1), "DURATION", "scan this often even without file events (default: 10s)"),
@@ -144,7 +122,8 @@ OPTIONS = [
 ]
 _BY_KEY = {o.key: o for o in OPTIONS}
 parse_duration = values.duration(0)  # a duration given to a command (purge --older-than)
-assert set(_BY_KEY) == {f.name for f in fields(Config)} - {"queues"}
+_SMTP_KEYS = frozenset(o.key for o in SMTP_OPTIONS)
+assert set(_BY_KEY) == {f.name for f in fields(Config)} - {"queues", "smtp"} | _SMTP_KEYS
 # Settings of the whole process, which a [[queue]] table cannot set.
 PROCESS_KEYS = frozenset({"log_format", "log_level", "log_file", "syslog", "daemon", "pidfile",
                           "allow_concurrent", "metrics"})
@@ -207,7 +186,7 @@ def expand(config: Config) -> list[Config]:
         for match in sorted(glob.glob(str(path))):
             if key == "spool" and (match.endswith(".mailrelayd") or not Path(match).is_dir()):
                 continue  # a state directory, or a file: not a spool
-            found.append(replace(queue, **{key: Path(match)}))
+            found.append(replace(queue, db=Path(match)) if key == "db" else replace(queue, spool=Path(match)))
     return found
 
 
@@ -217,30 +196,31 @@ def is_glob(path: Path | None) -> bool:
 
 def _build_one(file_values: dict[str, Any], flag_values: dict[str, Any], source: str,
                need_queue: bool = True) -> Config:
-    values: dict[str, Any] = {}
+    parsed: dict[str, Any] = {}
     for origin, given in ((source or "config", file_values), ("flag", flag_values)):
         for key, raw in given.items():
             option = _BY_KEY.get(key)
             if option is None:
                 raise ConfigError(f"{origin}: unknown key '{key}'")
             try:
-                values[key] = option.parse(raw)
+                parsed[key] = option.parse(raw)
             except ValueError as e:
                 shown = f"--{key.replace('_', '-')}" if origin == "flag" else key
                 table = origin.partition(" [[queue]] ")[2]
                 where = f" in [[queue]] {table}" if table and origin != "flag" else ""
                 raise ConfigError(f"bad value for {shown}{where} ({raw!r}): {e}") from None
-    ways = [k for k in DELIVERY_WAYS if k in values]
+    ways = [k for k in DELIVERY_WAYS if k in parsed]
     if len(ways) > 1:  # a flag overrides the file's way to deliver; two of one kind conflict
         by_flag = [k for k in ways if k in flag_values]
         if len(by_flag) != 1:
             raise ConfigError(f"{' and '.join(ways)} are all given: choose one way to deliver")
         for k in ways:
             if k not in by_flag:
-                del values[k]
-    if "db" in values and "spool" in values or need_queue and "db" not in values and "spool" not in values:
+                del parsed[k]
+    if "db" in parsed and "spool" in parsed or need_queue and "db" not in parsed and "spool" not in parsed:
         raise ConfigError("give one queue: db (--db FILE) or spool (--spool DIR), or [[queue]] tables")
-    config = Config(**values)
+    smtp = SmtpSettings.from_keys(parsed)
+    config = Config(**{k: v for k, v in parsed.items() if k not in _SMTP_KEYS}, smtp=smtp)
     if config.max_retry_delay < config.retry_delay:
         raise ConfigError("bad value for max_retry_delay: shorter than retry_delay")
     if config.spool and is_glob(config.spool) and config.state_dir:
