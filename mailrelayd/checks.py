@@ -52,12 +52,11 @@ def transport_problems(config: Config) -> list[str]:
         else:
             problem = _writable_dir(maildir.parent, "maildir's parent")
         return [problem] if problem else []
-    if not config.smtp_server:
+    if not config.smtp.server:
         problem = _command_problem(config.command[0])
         return [problem] if problem else []
     problems = []
-    for key in ("smtp_password_file", "smtp_ca_file"):
-        path = getattr(config, key)
+    for key, path in (("smtp_password_file", config.smtp.password_file), ("smtp_ca_file", config.smtp.ca_file)):
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             problems.append(f"{key} {path}: " + ("not readable by this user" if path.exists() else "no such file"))
     if not problems:

@@ -15,7 +15,7 @@ from mailrelayd.relay import Relay, RetryPolicy, Supervision
 from mailrelayd.transports import Transport
 from mailrelayd.transports.maildir import MaildirTransport
 from mailrelayd.transports.pipe import PipeTransport
-from mailrelayd.transports.smtp import SmtpSettings, SmtpSettingsError, SmtpTransport
+from mailrelayd.transports.smtp import SmtpSettingsError, SmtpTransport
 
 
 def make_queue(config: Config) -> Queue:
@@ -32,27 +32,11 @@ def make_transport(config: Config) -> Transport:
     """The configured transport; ConfigError if it cannot work as configured."""
     if config.maildir:
         return MaildirTransport(config.maildir)
-    if not config.smtp_server:
+    if not config.smtp.server:
         return PipeTransport(config.command, config.timeout, config.permanent_exit_codes)
-    password = None
-    if config.smtp_password_file:
-        try:
-            password = config.smtp_password_file.read_text().rstrip("\r\n")
-        except OSError as e:
-            raise ConfigError(f"cannot read smtp_password_file {config.smtp_password_file}: {e.strerror}") from None
-    settings = SmtpSettings(
-        server=config.smtp_server, port=config.smtp_port,
-        use_tls=config.use_tls or ("implicit" if config.smtp_port == 465 else "starttls"),
-        ca_file=str(config.smtp_ca_file) if config.smtp_ca_file else None, insecure=config.smtp_insecure,
-        user=config.smtp_user, password=password, allow_plaintext_auth=config.smtp_allow_plaintext_auth,
-        envelope_from=config.smtp_from, default_domain=config.smtp_default_domain,
-        use_short_addr=config.use_short_addr, always_bcc=config.smtp_always_bcc, helo=config.smtp_helo,
-        max_messages=config.smtp_max_messages, idle_timeout=config.smtp_idle_timeout,
-        connect_timeout=config.smtp_connect_timeout, reply_timeout=config.smtp_reply_timeout,
-        message_timeout=config.timeout, max_connections=config.workers,
-    )
     try:
-        return SmtpTransport(settings)
+        return SmtpTransport(config.smtp, password=config.smtp.read_password(), message_timeout=config.timeout,
+                             max_connections=config.workers)
     except SmtpSettingsError as e:
         raise ConfigError(str(e)) from None
 

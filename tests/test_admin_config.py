@@ -23,6 +23,22 @@ def test_check_config_ok_prints_effective_config(queue_harness, fake_sendmail, t
     assert "s3cret" not in result.stdout + result.stderr
 
 
+SMTP_KEYS = ("smtp_server", "smtp_port", "use_tls", "smtp_ca_file", "smtp_insecure", "smtp_user", "smtp_password_file",
+             "smtp_allow_plaintext_auth", "smtp_from", "smtp_default_domain", "use_short_addr", "smtp_always_bcc",
+             "smtp_helo", "smtp_max_messages", "smtp_idle_timeout", "smtp_connect_timeout", "smtp_reply_timeout")
+
+
+def test_check_config_prints_every_smtp_key(sqlite_harness, fake_sendmail):
+    """check-config prints every SMTP key in order, set or not (then commented out), with the values flags gave."""
+    result = run_cli("check-config", *sqlite_harness.cli_args, *sendmail_args(fake_sendmail),
+                     "--smtp-port", "587", "--smtp-helo", "relay.example.org")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "smtp_port = 587" in lines and 'smtp_helo = "relay.example.org"' in lines and "# use_tls = (not set)" in lines
+    keys = [line.removeprefix("# ").split(" = ")[0] for line in lines if " = " in line]
+    assert [k for k in keys if k.startswith(("smtp_", "use_"))] == list(SMTP_KEYS)
+
+
 def test_check_config_lists_every_problem(tmp_path):
     """A missing command and a missing queue are both reported, one line each, with exit 78."""
     result = run_cli("check-config", "--db", str(tmp_path / "missing.db"), "--command", str(tmp_path / "nosendmail"))

@@ -1,10 +1,13 @@
 """Many queues in one config: [[queue]] tables, per-queue settings, globs, and their errors."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from mailrelayd.config import ConfigError, build, expand
+from mailrelayd.transports.smtp import SmtpSettings
 from conftest import run_cli
 
 
@@ -22,8 +25,38 @@ def test_a_queue_table_may_choose_its_own_way_to_deliver():
     config = build({"command": "/usr/bin/msmtp -t",
                     "queue": [{"db": "/a.db"}, {"db": "/b.db", "smtp_server": "mail.example.org"}]}, {})
     first, second = config.queue_configs
-    assert first.command == ("/usr/bin/msmtp", "-t") and first.smtp_server is None
-    assert second.smtp_server == "mail.example.org"
+    assert first.command == ("/usr/bin/msmtp", "-t") and first.smtp.server is None
+    assert second.smtp.server == "mail.example.org"
+
+
+def test_a_queue_table_sending_by_smtp_takes_the_top_level_smtp_keys():
+    """SMTP keys at the top level reach a [[queue]] table that names its own smtp_server."""
+    config = build({"smtp_port": 587, "smtp_user": "relay",
+                    "queue": [{"db": "/a.db", "smtp_server": "mail.example.org"}]}, {})
+    [queue] = config.queue_configs
+    assert queue.smtp == SmtpSettings(server="mail.example.org", port=587, user="relay")
+
+
+def test_a_queue_tables_command_replaces_the_top_level_smtp_server():
+    """A table's command replaces the top-level smtp_server for that queue; the other tables keep SMTP."""
+    config = build({"smtp_server": "mail.example.org",
+                    "queue": [{"db": "/a.db", "command": "/usr/bin/msmtp -t"}, {"db": "/b.db"}]}, {})
+    first, second = config.queue_configs
+    assert (first.smtp.server, first.command) == (None, ("/usr/bin/msmtp", "-t"))
+    assert second.smtp.server == "mail.example.org"
+
+
+def test_an_smtp_flag_wins_over_the_file():
+    """--smtp-port given as a flag overrides the file's smtp_port."""
+    config = build({"db": "/a.db", "smtp_server": "mail.example.org", "smtp_port": 25}, {"smtp_port": "587"})
+    assert config.smtp.port == 587
+
+
+def test_reading_the_config_loads_neither_ssl_nor_smtplib():
+    """Importing config.py (and with it the SMTP settings) loads no ssl and no smtplib: only the transport needs them."""
+    code = "import sys, mailrelayd.config; print(sorted({'ssl', 'smtplib'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_flags_win_over_every_queue_table():
@@ -45,6 +78,7 @@ def test_a_db_flag_names_the_one_queue_instead_of_the_tables():
     ({"queue": [{"db": "/a.db"}, {"db": "/a.db"}]}, "already another queue"),
     ({"queue": [{"workers": 2}]}, "give one queue"),
     ({"queue": [{"db": "/a.db", "workers": "many"}]}, "workers in [[queue]] 1"),
+    ({"queue": [{"db": "/a.db", "smtp_port": 0}]}, "smtp_port in [[queue]] 1"),
     ({"queue": "not tables"}, "[[queue]] tables"),
     ({"queue": [{"spool": "/srv/*/spool", "state_dir": "/var/state"}]}, "spool glob"),
 ])

@@ -158,12 +158,15 @@ def serve():
 
 @pytest.fixture
 def transports():
-    """transport(port, **SmtpSettings fields) -> an SmtpTransport to 127.0.0.1, closed at teardown."""
+    """transport(port, **SmtpSettings fields and SmtpTransport arguments) -> an SmtpTransport to 127.0.0.1,
+    closed at teardown."""
     made = []
 
     def make(port: int, **kwargs) -> SmtpTransport:
         kwargs.setdefault("use_tls", "none")
-        transport = SmtpTransport(SmtpSettings(server="127.0.0.1", port=port, helo="client.test", **kwargs))
+        arguments = {k: kwargs.pop(k) for k in ("password", "message_timeout", "max_connections") if k in kwargs}
+        transport = SmtpTransport(SmtpSettings(server="127.0.0.1", port=port, helo="client.test", **kwargs),
+                                  **arguments)
         made.append(transport)
         return transport
 
@@ -428,9 +431,12 @@ def test_auth_over_plaintext_when_allowed(serve, transports):
     assert server.logins == [("PLAIN", True)]
 
 
-def test_settings_repr_hides_the_password():
-    """The password never appears in the settings' repr."""
-    assert PASSWORD not in repr(SmtpSettings(server="x", user="relay", password=PASSWORD))
+def test_repr_hides_the_password():
+    """The password never appears in the repr of the settings or of the transport."""
+    settings = SmtpSettings(server="x", user="relay")
+    transport = SmtpTransport(settings, password=PASSWORD)
+    transport.close()
+    assert PASSWORD not in repr(settings) + repr(transport)
 
 
 def test_unknown_tls_mode_is_refused_at_start():

@@ -59,10 +59,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         return fail(str(e), os.EX_CONFIG)
     for queue in queues:
-        if queue.smtp_insecure:
-            log.warning("smtp_certificate_not_verified", server=queue.smtp_server,
+        if queue.smtp.insecure:
+            log.warning("smtp_certificate_not_verified", server=queue.smtp.server,
                         note="smtp_insecure is set: anyone on the path can read and change the mail")
-        if not queue.maildir and not queue.smtp_server and not _runnable(queue.command[0]):
+        if not queue.maildir and not queue.smtp.server and not _runnable(queue.command[0]):
             log.error("command_not_runnable", command=queue.command[0],
                       note="messages stay queued and are retried until it can be run")
     if args.drain:

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from mailrelayd import checks
@@ -103,22 +103,22 @@ def effective_lines(config: Config, base: Config | None = None) -> list[str]:
     """Every key = value, TOML-like; unset keys commented; the password file by path only.
     With `base` (the top level, for a [[queue]] table): only what differs from it."""
     lines = []
-    for f in fields(Config):
-        if f.name == "queues" or (f.name in PROCESS_KEYS and base is not None):
+    inherited = dict(base.items()) if base is not None else {}
+    for key, value in config.items():
+        if key in PROCESS_KEYS and base is not None:
             continue
-        value = getattr(config, f.name)
-        if base is not None and (value is None or (value == getattr(base, f.name) and f.name not in ("db", "spool"))):
+        if base is not None and (value is None or (value == inherited[key] and key not in ("db", "spool"))):
             continue
-        if f.name == "state_dir" and config.spool:
+        if key == "state_dir" and config.spool:
             value = checks.state_dir(config)
         if value is None:
-            lines.append(f"# {f.name} = (not set)")
-        elif f.name == "smtp_password_file":
+            lines.append(f"# {key} = (not set)")
+        elif key == "smtp_password_file":
             readable = os.path.isfile(value) and os.access(value, os.R_OK)
-            lines.append(f"{f.name} = {_toml(value)}  # {'readable' if readable else 'NOT readable'},"
+            lines.append(f"{key} = {_toml(value)}  # {'readable' if readable else 'NOT readable'},"
                          " content not shown")
         else:
-            lines.append(f"{f.name} = {_toml(value)}")
+            lines.append(f"{key} = {_toml(value)}")
     return lines
 
 
