@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install everything the tests need (Debian or Ubuntu, as root), then run the whole suite.
+# Install everything the tests need (Debian or Ubuntu, as root), check the code with ruff and
+# mypy, then run the whole suite.
 # Extra arguments go to pytest, e.g. `sh tests/install-and-run.sh -k sqlite -x`.
 set -eu
 cd "$(dirname "$0")/.."
@@ -13,4 +14,6 @@ apt-get install -y -q --no-install-recommends fossil postfix msmtp sqlite3 ca-ce
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
+.venv/bin/ruff check mailrelayd
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"
