@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import ROOT, fossil_message, run_cli
+from conftest import ROOT, fossil_message, run_cli, wait_until
 from mailrelayd import cli
 
 
@@ -30,7 +30,10 @@ def admin(capsys):
     """admin(harness, *args): run `mailrelayd ARGS` in process on the harness's queue."""
     def run(harness, *args, queue_args=True):
         capsys.readouterr()
-        code = cli.main([*args, *(harness.cli_args if queue_args else [])])
+        try:
+            code = cli.main([*args, *(harness.cli_args if queue_args else [])])
+        except SystemExit as e:  # argparse: a usage error, or --help
+            code = e.code
         out, err = capsys.readouterr()
         return Result(code, out, err)
     return run
@@ -330,3 +333,68 @@ def test_daemon_flags_still_work_beside_subcommands(queue_harness, fake_sendmail
     queue_harness.enqueue(fossil_message())
     result = run_cli("--drain", *queue_harness.cli_args, "--command", f"{fake_sendmail.path} -ti", "--settle", "0")
     assert result.returncode == 0 and queue_harness.queued() == 0
+
+
+def test_list_json_gives_one_object_per_message(queue_harness, admin, make_deferred):
+    """list --json prints one JSON object per line (as postqueue -j), with the documented keys."""
+    make_deferred("a@example.com")
+    queue_harness.enqueue(fossil_message(to="c@example.com"))
+    lines = admin(queue_harness, "list", "--json").stdout.splitlines()
+    objects = [json.loads(line) for line in lines]
+    assert len(objects) == 2
+    assert all(set(o) == {"id", "state", "size", "sender", "recipients", "attempts", "first_seen", "last_try",
+                          "next_try", "last_error", "reason", "failed_at"} for o in objects)
+    deferred = next(o for o in objects if o["state"] == "deferred")
+    assert deferred["recipients"] == ["a@example.com"] and deferred["attempts"] == 1
+    assert deferred["sender"] == "noreply@example.org" and "exited 75" in deferred["last_error"]
+
+
+def test_purge_failed_by_id_deletes_only_those(queue_harness, admin, make_failed):
+    """purge --failed ID deletes that failed message only, as postsuper -d does."""
+    make_failed("a@example.com")
+    make_failed("b@example.com")
+    first, second = ids(admin(queue_harness, "list", "--failed"))
+    result = admin(queue_harness, "purge", "--failed", first)
+    assert result.returncode == 0 and result.stdout == f"deleted 1 failed messages: {first}\n"
+    assert ids(admin(queue_harness, "list", "--failed")) == [second]
+
+
+def test_purge_of_unknown_failed_id_exits_1(queue_harness, admin, make_failed):
+    """purge --failed with an id that is not there says so and exits 1."""
+    make_failed()
+    result = admin(queue_harness, "purge", "--failed", "F999999" if queue_harness.kind == "sqlite" else "nope")
+    assert result.returncode == 1 and "no failed message" in result.stderr
+    assert len(ids(admin(queue_harness, "list", "--failed"))) == 1
+
+
+def test_list_refused_and_purge_refused(spool_harness, admin, fake_sendmail):
+    """A spool entry refused unread is listed by list --refused with its reason, and purge --refused deletes it."""
+    (spool_harness.path / "empty.email").write_bytes(b"")
+    assert run_cli("--drain", *spool_harness.cli_args, "--settle", "0", "--command",
+                   f"{fake_sendmail.path} -ti").returncode == 0
+    listed = admin(spool_harness, "list", "--refused").stdout.splitlines()
+    assert len(listed) == 3 and listed[1].startswith("empty.email ") and "empty file" in listed[1]
+    assert admin(spool_harness, "purge", "--refused").stdout == "deleted 1 refused entries: empty.email\n"
+    assert not (spool_harness.state / "corrupt" / "empty.email").exists()
+
+
+@pytest.mark.parametrize("command", [["list", "--drain", "--workers", "9", "--daemon"], ["status", "--command", "x"],
+                                     ["show", "1", "--now"], ["retry", "--all", "--json"]])
+def test_a_subcommand_takes_only_its_own_flags(queue_harness, admin, command):
+    """A flag that is not the command's own (nor the queue's) is a usage error, exit 64, with the usage on one line."""
+    result = admin(queue_harness, *command)
+    assert result.returncode == 64 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert f"mailrelayd {command[0]}: unknown option" in line and f"usage: mailrelayd {command[0]}" in line
+
+
+def test_retry_is_acted_on_by_a_running_daemon_at_once(queue_harness, admin, make_deferred, daemon, fake_sendmail):
+    """retry tells the daemon relaying the queue, which sends the message within seconds, not at its next scan."""
+    make_deferred()
+    d = daemon(*queue_harness.cli_args, "--poll-interval", "1h", "--settle", "0")
+    wait_until(lambda: d.logged("relay_started"), what="the daemon to start")
+    d.wait_idle()
+    fake_sendmail.exit_with(0)
+    assert admin(queue_harness, "retry", "--all").returncode == 0
+    wait_until(lambda: d.logged("message_sent"), timeout=10, what="the retried message to be sent")
+    assert queue_harness.queued() == 0
