@@ -134,6 +134,11 @@ class SqliteHarness:
             except sqlite3.OperationalError:  # no relay has opened the file yet
                 return []
 
+    def age_sent_records(self, seconds: float) -> None:
+        """Make every sentlog row `seconds` older."""
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("UPDATE sentlog SET mtime = mtime - ?", (seconds,))
+
     def _one(self, sql: str):
         with sqlite3.connect(self.path) as conn:
             return conn.execute(sql).fetchone()[0]
@@ -182,9 +187,13 @@ class SpoolHarness:
             found.append((fields["reason"], int(fields["attempts"])))
         return found
 
-    def deferred(self) -> list[tuple[int, float, str]]:
-        import json
+    def age_sent_records(self, seconds: float) -> None:
+        """Make every kept sent file `seconds` older."""
+        sent = self.state / "sent"
+        for name in os.listdir(sent):
+            os.utime(sent / name, (time.time() - seconds,) * 2)
 
+    def deferred(self) -> list[tuple[int, float, str]]:
         schedule = self.state / "schedule"
         states = [json.loads(p.read_text()) for p in sorted(schedule.iterdir())] if schedule.is_dir() else []
         return [(s["attempts"], s["next_try"], s["last_error"]) for s in states]

@@ -5,7 +5,6 @@ so each test sees exactly what a relay leaves behind.
 """
 
 import os
-import sqlite3
 import time
 
 from conftest import fossil_message
@@ -123,13 +122,7 @@ def test_purge_sent_deletes_only_old_records(queue_harness, relay_pass):
     assert relay_pass(0, **options).sent == 1
     queue = queue_harness.open_queue(**options)
     assert queue.purge_sent(time.time() - 86400) == []
-    if queue_harness.kind == "sqlite":
-        with sqlite3.connect(queue_harness.path) as conn:
-            conn.execute("UPDATE sentlog SET mtime = mtime - 2 * 86400")
-    else:
-        sent = queue_harness.state / "sent"
-        for name in os.listdir(sent):
-            os.utime(sent / name, (time.time() - 2 * 86400,) * 2)
+    queue_harness.age_sent_records(2 * 86400)
     assert len(queue.purge_sent(time.time() - 86400)) == 1
 
 
