@@ -24,7 +24,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-_WAKING_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent]
+_WAKING_EVENTS = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
 
 
 def _not_the_stop_race(record: logging.LogRecord) -> bool:
@@ -42,6 +42,8 @@ class _Handler(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if not isinstance(event, _WAKING_EVENTS):  # watchdog before 4.0 cannot filter (see schedule)
+            return
         path = getattr(event, "dest_path", "") or event.src_path  # a move: where it went
         if self._notice(event.event_type, os.fsdecode(path)):
             self._wake()
@@ -96,7 +98,10 @@ class Watcher:
             if self._observer is None:
                 self._observer = Observer()
                 self._observer.start()
-            return self._observer.schedule(handler, str(directory), event_filter=_WAKING_EVENTS)
+            try:  # watchdog 4.0 and later asks inotify for these events only
+                return self._observer.schedule(handler, str(directory), event_filter=list(_WAKING_EVENTS))
+            except TypeError:  # older ones (Debian 12 has 2.2.1) send every event: _Handler filters
+                return self._observer.schedule(handler, str(directory))
 
     def unschedule(self, watch) -> None:
         with self._lock:
