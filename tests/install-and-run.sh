@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install everything the tests need (Debian or Ubuntu, as root), then run the whole suite,
 # including tests/test_package.py, which builds the Debian package, installs it on this
-# machine, uses it and purges it again.
+# machine, uses it and purges it again, and tests/test_pipx_install.py (the generic install).
 # Extra arguments go to pytest, e.g. `sh tests/install-and-run.sh -k sqlite -x`.
 set -eu
 cd "$(dirname "$0")/.."
@@ -11,11 +11,11 @@ apt-get update -q
 # Postfix is only used through private instances the tests start; keep the system one unconfigured.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 # Mail software for the tests; the package's build tools (debian/control's Build-Depends),
-# its dependencies (Debian's Python libraries), and what checks it (lintian, man, logrotate).
+# its dependencies (Debian's Python libraries), what checks it (lintian, man, logrotate), pipx.
 apt-get install -y -q --no-install-recommends fossil postfix msmtp sqlite3 ca-certificates systemd \
     python3-venv debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
     python3-watchdog python3-structlog python3-daemon python3-prometheus-client python3-tqdm adduser \
-    lintian man-db logrotate
+    lintian man-db logrotate pipx
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
