@@ -14,7 +14,7 @@ echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-se
 # its dependencies (Debian's Python libraries), what checks it (lintian, man, logrotate), pipx.
 apt-get install -y -q --no-install-recommends fossil postfix msmtp sqlite3 ca-certificates systemd \
     python3-venv debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-    python3-watchdog python3-structlog python3-daemon python3-prometheus-client python3-tqdm adduser \
+    python3-watchdog python3-structlog python3-daemon python3-prometheus-client python3-tqdm sqlite-utils adduser \
     lintian man-db logrotate pipx
 
 python3 -m venv .venv
