@@ -1,10 +1,11 @@
 """The Debian package, built from this tree, installed with apt on this machine, used, and purged.
 
-The first tests read the packaging files. The others change the machine (a system user, /etc
-files, /var directories), so they run only when MAILRELAYD_TEST_INSTALL=1 (tests/install-and-run.sh,
-which CI runs, sets it) and as root. The module builds and installs once; the last test purges and checks that nothing is left, and
-the fixture purges in any case, so a failure leaves the machine as it was. A machine where
-mailrelayd is already installed is refused, never purged.
+The first tests read the packaging files. The others change the machine (a system user,
+/etc files, /var directories), so they run only as root with MAILRELAYD_TEST_INSTALL=1
+(tests/install-and-run.sh, which CI runs, sets it). The module builds and installs once;
+the last test purges and checks that nothing is left, and the fixture purges in any case,
+so a failure leaves the machine as it was. A machine where mailrelayd is already installed
+is refused, never purged.
 Man pages (issue 12, the lead's part): add a test rendering each with `man --warnings`.
 """
 
