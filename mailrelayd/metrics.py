@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.metrics import MetricWrapperBase
 
 OUTCOMES = ("sent", "deferred", "failed")
@@ -22,6 +26,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"metrics address must be HOST:PORT, like 127.0.0.1:9464 or [::1]:9464, not {value!r}")
     return host, int(port)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """Serves each scrape on a thread of its own, none of which keeps the process alive."""
+
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):
+        pass
 
 
 class Metrics:
@@ -65,8 +80,15 @@ class Metrics:
                 metric.remove(*labels)
 
     def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port in a daemon thread; return the bound port."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics on host:port in a daemon thread; return the bound port.
+
+        The server is built here from the library's WSGI app, as start_http_server only
+        returns it (to close it) from prometheus-client 0.17 on, and Debian 12 has 0.16."""
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_Server", (_Server,), {"address_family": family})
+        self._server = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_Quiet)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         return self._server.server_port
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-_WAKING_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent]
+_WAKING_EVENTS = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
 
 
 def _not_the_stop_race(record: logging.LogRecord) -> bool:
@@ -43,6 +43,8 @@ class _Handler(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if not isinstance(event, _WAKING_EVENTS):  # watchdog before 4.0 cannot filter (see schedule)
+            return
         path = getattr(event, "dest_path", "") or event.src_path  # a move: where it went
         if self._notice(event.event_type, os.fsdecode(path)):
             self._wake()
@@ -97,7 +99,11 @@ class Watcher:
             if self._observer is None:
                 self._observer = Observer()
                 self._observer.start()
-            return self._observer.schedule(handler, str(directory), event_filter=_WAKING_EVENTS)
+            try:  # watchdog 4.0 and later asks inotify for these events only
+                return self._observer.schedule(  # type: ignore[call-arg]
+                    handler, str(directory), event_filter=list(_WAKING_EVENTS))
+            except TypeError:  # older ones (Debian 12 has 2.2.1) send every event: _Handler filters
+                return self._observer.schedule(handler, str(directory))
 
     def unschedule(self, watch) -> None:
         with self._lock:

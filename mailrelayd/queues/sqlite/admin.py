@@ -33,7 +33,10 @@ def _database(conn: sqlite3.Connection):
     """sqlite-utils over `conn`, imported only when an administrator asks (it is slow to import)."""
     import sqlite_utils
 
-    return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+    try:
+        return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)  # type: ignore[call-arg]
+    except TypeError:  # a sqlite-utils without plugins (Debian 12's 3.30) has none to turn off
+        return sqlite_utils.Database(conn, recursive_triggers=False)
 
 
 def entries(conn: sqlite3.Connection, path: Path, states: Collection[str], now: float,
