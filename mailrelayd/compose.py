@@ -23,7 +23,7 @@ def make_queue(config: Config) -> Queue:
     if config.spool:
         return SpoolQueue(config.spool, config.state_dir, settle=config.settle, max_size=config.max_size,
                           owner_uid=config.spool_owner, keep_sent=config.keep_sent,
-                          sentlog_retention=config.sentlog_retention)
+                          sentlog_retention=config.sentlog_retention, refused_retention=config.refused_retention)
     assert config.db is not None
     return SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention)
 
@@ -48,7 +48,8 @@ def make_relay(config: Config, supervision: Supervision = Supervision()) -> Rela
     transport = make_transport(config)
     retry = RetryPolicy(config.retry_delay, config.max_retry_delay, config.max_age)
     return Relay(queue, transport, workers=config.workers, retry=retry, poll_interval=config.poll_interval,
-                 envelope_from=config.envelope_from, notify_failed=config.notify_failed, supervision=supervision)
+                 envelope_from=config.envelope_from, notify_failed=config.notify_failed,
+                 max_recipients=config.max_recipients, rate_limit=config.rate_limit, supervision=supervision)
 
 
 def configure_log(config: Config, stream=None) -> None:

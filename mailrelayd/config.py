@@ -28,6 +28,9 @@ class ConfigError(Exception):
     """A setting is missing, unknown or has a bad value (exit status 78)."""
 
 
+DEFAULT_RATE = values.Rate(10000, 3600.0)  # a forum post to a few thousand subscribers passes
+
+
 @dataclass(frozen=True)
 class Config:
     db: Path | None = None
@@ -36,18 +39,22 @@ class Config:
     settle: float = 2.0
     keep_sent: bool = False
     max_size: int = 25 * 2**20
+    max_recipients: int = 100
+    rate_limit: values.Rate | None = DEFAULT_RATE
     spool_owner: int | None = None
     command: tuple[str, ...] = ("/usr/sbin/sendmail", "-ti")
     maildir: Path | None = None
     smtp: SmtpSettings = field(default_factory=SmtpSettings)  # the smtp_* keys, use_tls and use_short_addr
     workers: int = 4
     timeout: float = 60.0
+    sql_timeout: float = 2.0
     poll_interval: float = 10.0
     permanent_exit_codes: frozenset[int] = frozenset({65, 67})
     retry_delay: float = 300.0
     max_retry_delay: float = 3600.0
     max_age: float = 5 * 86400.0
     sentlog_retention: float = 30 * 86400.0
+    refused_retention: float = 30 * 86400.0
     envelope_from: str = "header"
     notify_failed: str | None = None
     log_format: str = "auto"
@@ -90,7 +97,11 @@ OPTIONS = [
     Option("settle", values.duration(0), "DURATION", "take a spool file nobody was seen closing once it is unchanged"
            " this long (default: 2s)"),
     Option("keep_sent", values.boolean, "", "keep sent spool files in STATE/sent until sentlog_retention"),
-    Option("max_size", values.size, "SIZE", "refuse spool files larger than this (default: 25M)"),
+    Option("max_size", values.size, "SIZE", "refuse messages larger than this, unread (default: 25M)"),
+    Option("max_recipients", values.int_range(1, 100000), "N", "set aside a message for more recipients than this"
+           " (default: 100)"),
+    Option("rate_limit", values.rate, "N/PERIOD", "send at most N messages per period (600/h, 100/10m; none: no"
+           " limit); more wait (default: 10000/h)"),
     Option("spool_owner", values.user, "USER", "refuse spool files not owned by this user (default: any owner)"),
     Option("command", values.command, "CMD", "sendmail-compatible command, split like a shell but not run by one"
            " (default: '/usr/sbin/sendmail -ti')"),
@@ -98,6 +109,8 @@ OPTIONS = [
     *SMTP_OPTIONS,
     Option("workers", values.int_range(1, 256), "N", "deliveries run at once (default: 4)"),
     Option("timeout", values.duration(1), "DURATION", "kill a delivery that takes longer (default: 60s)"),
+    Option("sql_timeout", values.duration(0.1), "DURATION", "abort a statement on the SQLite queue that takes"
+           " longer, and leave the queue for a while (default: 2s)"),
     Option("poll_interval", values.duration(0.1), "DURATION",
            "scan this often even without file events (default: 10s)"),
     Option("permanent_exit_codes", values.exit_codes, "LIST", "command exit statuses that mean the message itself is"
@@ -106,6 +119,8 @@ OPTIONS = [
     Option("max_retry_delay", values.duration(1), "DURATION", "longest wait between retries (default: 1h)"),
     Option("max_age", values.duration(0), "DURATION", "give up retrying a message this old (default: 5d)"),
     Option("sentlog_retention", values.duration(0), "DURATION", "keep sentlog rows this long (default: 30d)"),
+    Option("refused_retention", values.duration(0), "DURATION", "keep refused messages (a spool's corrupt/, SQLite"
+           " rows over max_size) this long (default: 30d)"),
     Option("envelope_from", values.envelope_from, "ADDR", "envelope sender: 'header' (Sender:, else From:),"
            " 'none', or a fixed address (default: header)"),
     Option("notify_failed", values.address, "ADDR", "send this address a short notice for each message set aside"),

@@ -1,8 +1,11 @@
 """Read what delivery needs from a queued RFC 822 message, without touching its body.
 
 Only the header fields delivery needs are read; the message itself is passed on byte for byte.
-Messages come from inside a jail, so nothing here trusts them: an address is only
-offered for a command line when it is plainly an address.
+Messages come from inside a jail, so nothing here trusts them: a header larger than
+MAX_HEADER is not parsed, whatever the email package raises on a hostile header becomes
+MalformedMessage, every recipient must be a plain address, and the sender is only offered
+for a command line when it is plainly an address. Text that is only logged (the subject)
+is decoded if it can be and kept as it is if not.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from email.utils import getaddresses, parsedate_to_datetime
 
 from mailrelayd.inject import is_plain_address
 
+MAX_HEADER = 64 * 1024  # bytes: Fossil's headers are about one KiB
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _FIELD_LINE = re.compile(rb"[!-9;-~]+:")
 
 
 class MalformedMessage(ValueError):
-    """The queued data cannot be delivered as a message (no header, no recipients)."""
+    """The queued data cannot be delivered as a message (no header, no recipients, an
+    unreadable or oversized header, a recipient that is not a plain address)."""
 
 
 @dataclass(frozen=True)
@@ -49,24 +54,43 @@ def header_block(data: bytes) -> bytes:
 
 
 def read_envelope(data: bytes) -> Envelope:
-    """Parse the header of `data`; raise MalformedMessage if it cannot be mailed."""
-    header = header_block(data)
-    if not _FIELD_LINE.match(header):
-        raise MalformedMessage("message has no header")
-    fields = _fields(header)
-    recipients = tuple(_addresses([v for name in ("to", "cc", "bcc") for v in fields.get(name, [])]))
-    if not recipients:
-        raise MalformedMessage("message has no recipients in To:, Cc: or Bcc:")
-    return _envelope(fields, recipients, len(data))
+    """Parse the header of `data`; raise MalformedMessage (and nothing else) if it cannot
+    be mailed."""
+    header = _header(data)
+    try:
+        fields = _fields(header)
+        recipients = tuple(_addresses([v for name in ("to", "cc", "bcc") for v in fields.get(name, [])]))
+        if not recipients:
+            raise MalformedMessage("message has no recipients in To:, Cc: or Bcc:")
+        for recipient in recipients:
+            if not is_plain_address(recipient):  # a bare local name is one (smtp_default_domain completes it)
+                raise MalformedMessage(f"recipient {_printable(recipient)[:100]!r} is not a plain address")
+        return _envelope(fields, recipients, len(data))
+    except MalformedMessage:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the email package raises all kinds on hostile headers
+        raise MalformedMessage(f"unreadable header ({type(e).__name__})") from None
 
 
 def explicit_envelope(data: bytes, sender: str, recipients: tuple[str, ...]) -> Envelope:
-    """The envelope recorded beside a message: exactly these recipients, this sender
-    (else the header's); the header, if any, only names the message in logs."""
-    header = header_block(data)
-    fields = _fields(header) if _FIELD_LINE.match(header) else {}
-    envelope = _envelope(fields, recipients, len(data), explicit=True)
+    """The envelope recorded beside a message: exactly these recipients (plain addresses,
+    checked where they were read), this sender (else the header's); the header, if any,
+    only names the message in logs."""
+    try:
+        envelope = _envelope(_fields(_header(data)), recipients, len(data), explicit=True)
+    except Exception:  # noqa: BLE001 -- an unreadable header only loses the names in the log
+        envelope = Envelope(None, recipients, "", "", "", len(data), explicit=True)
     return replace(envelope, sender=safe_address(sender) or envelope.sender) if sender else envelope
+
+
+def _header(data: bytes) -> bytes:
+    """The header block, if there is one of a sane size; else MalformedMessage."""
+    header = header_block(data[: MAX_HEADER + 4])
+    if len(header) > MAX_HEADER:
+        raise MalformedMessage(f"header larger than {MAX_HEADER // 1024} KiB")
+    if not _FIELD_LINE.match(header):
+        raise MalformedMessage("message has no header")
+    return header
 
 
 def _envelope(fields: dict[str, list[str]], recipients: tuple[str, ...], size: int, explicit: bool = False) -> Envelope:
@@ -147,7 +171,7 @@ def _addresses(values: list[str]) -> list[str]:
 def _decoded(value: str) -> str:
     try:
         text = str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeError):
+    except Exception:  # noqa: BLE001 -- a subject that is not RFC 2047 after all (a forum title) stays as it is
         text = str(value)
     return _printable(" ".join(text.split()))[:200]
 
@@ -162,7 +186,7 @@ def date_header(data: bytes, now: float) -> float | None:
         if line.lower().startswith("date:"):
             try:
                 when = parsedate_to_datetime(line[5:].strip()).timestamp()
-            except (TypeError, ValueError, IndexError, OverflowError):
+            except Exception:  # noqa: BLE001 -- any Date: a jail writes
                 return None
             return when if when <= now else None
     return None

@@ -14,10 +14,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailrelayd.message import Envelope
+from mailrelayd.attempt import Attempt
 from mailrelayd.notice import failure_notice, is_notice
-from mailrelayd.outcome import Outcome, PartlySent, PermanentFailure, Sent, TemporaryFailure
-from mailrelayd.queues import Queue, QueuedMessage, QueueError
+from mailrelayd.outcome import PartlySent, PermanentFailure, Sent, TemporaryFailure
+from mailrelayd.queues import Queue, QueueError
 
 
 @dataclass
@@ -29,19 +29,21 @@ class DrainReport:
     failed: int = 0
     queue_error: str | None = None
     unrecorded: int = 0  # outcomes the queue could not record: the messages stay queued
+    rate_limited: bool = False  # due messages were left queued by the rate limit
 
     def add(self, other: DrainReport) -> None:
         """Count another pass in (a drain over several queues)."""
         self.sent, self.deferred, self.failed = self.sent + other.sent, self.deferred + other.deferred, \
             self.failed + other.failed
         self.unrecorded += other.unrecorded
+        self.rate_limited = self.rate_limited or other.rate_limited
         self.queue_error = other.queue_error or self.queue_error
 
     @property
     def exit_status(self) -> int:
         if self.queue_error:
             return os.EX_NOINPUT
-        if self.deferred or self.unrecorded:
+        if self.deferred or self.unrecorded or self.rate_limited:
             return os.EX_TEMPFAIL
         return os.EX_DATAERR if self.failed else os.EX_OK
 
@@ -56,17 +58,6 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return min(self.max_delay, self.first_delay * 2 ** min(attempt - 1, 32)) * rng.uniform(0.9, 1.1)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One delivery attempt: the message, the envelope it went with, what came of it, and
-    how long it took (ms)."""
-
-    msg: QueuedMessage
-    envelope: Envelope | None
-    outcome: Outcome
-    ms: float
 
 
 class Recorder:

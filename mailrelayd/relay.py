@@ -19,12 +19,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from mailrelayd.attempt import Attempt, attempt
+from mailrelayd.limits import RateWindow
 from mailrelayd.log import get_logger
-from mailrelayd.message import MalformedMessage, explicit_envelope, read_envelope
-from mailrelayd.outcome import PermanentFailure, TemporaryFailure
 from mailrelayd.queues import Queue, QueuedMessage, QueueError, QueueStats
-from mailrelayd.recorder import Attempt, DrainReport, Recorder, RetryPolicy
+from mailrelayd.recorder import DrainReport, Recorder, RetryPolicy
 from mailrelayd.transports import Transport
+from mailrelayd.values import Rate
 from mailrelayd.watch import Watcher
 
 MAINTAIN_EVERY = 3600.0
@@ -47,7 +48,8 @@ class RelayStatus:
     deferred: int = 0
     failed: int = 0
     stats: QueueStats | None = None
-    problem: str | None = None
+    problem: str | None = None  # why the queue is unavailable, while it is
+    limited: bool = False  # at its rate_limit: messages wait
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,16 @@ _WAKE, _SCAN = object(), object()
 class Relay:
     def __init__(self, queue: Queue, transport: Transport, *, workers: int = 4, retry: RetryPolicy = RetryPolicy(),
                  poll_interval: float = 10.0, envelope_from: str = "header", clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, notify_failed: str | None = None,
-                 supervision: Supervision = Supervision()):
+                 rng: random.Random | None = None, notify_failed: str | None = None, max_recipients: int = 100,
+                 rate_limit: Rate | None = None, supervision: Supervision = Supervision()):
         self.queue = queue
         self.transport = transport
         self.workers = workers
         self.poll_interval = poll_interval
         self.envelope_from = envelope_from
         self.clock = clock
+        self.max_recipients = max_recipients
+        self.rate_limit = rate_limit
         self.supervision = supervision
         self.log = get_logger(queue=queue.name)
         self._recorder = Recorder(queue, self.log, retry=retry, clock=clock, rng=rng or random.Random(),
@@ -88,6 +92,9 @@ class Relay:
         self._look = True  # claim at the next turn
         self._backlog = False  # the last claim took all it asked for: there is more
         self._rescan_at: float | None = None  # monotonic time of the scan that follows a wake-up
+        self._rate = RateWindow(None)  # seeded from the queue's record of sent mail once it is open
+        self._claim_after = 0.0  # monotonic: after a queue error, no claim before this
+        self._error_backoff = 0.0
 
     # -- from any thread (signal handlers too): set a flag, post a token ------------------
 
@@ -123,6 +130,7 @@ class Relay:
             report.queue_error = str(e)
             return report
         self._maintain()
+        self._seed_rate()
         self._recorder.progress = progress
         started = time.monotonic()
 
@@ -134,6 +142,8 @@ class Relay:
             return self._settle_wait(started)
 
         self._relay(pace)
+        if self._status.limited and self.queue.stats(self.clock()).queued:
+            report.rate_limited = True
         return report
 
     def pending(self) -> int | None:
@@ -153,6 +163,7 @@ class Relay:
                 self.log.info("relay_started", workers=self.workers, file_events=watch.running)
                 self._publish(state="running", problem=None)
                 self._maintain()
+                self._seed_rate()
                 chores = _Chores(self, watch)
                 self._relay(chores.pace)
             elif not self._stopping:
@@ -200,8 +211,9 @@ class Relay:
             while not self._stopping:
                 self._publish()
                 if self._look and len(inflight) <= self.workers:
-                    for msg in self._claim(2 * self.workers - len(inflight)):
-                        future = pool.submit(self._deliver, msg)
+                    for msg in self._claim(2 * self.workers - len(inflight), len(inflight)):
+                        future = pool.submit(attempt, msg, self.transport, envelope_from=self.envelope_from,
+                                             max_recipients=self.max_recipients)
                         inflight[future] = msg
                         future.add_done_callback(self._events.put)
                 wait = pace(bool(inflight))
@@ -216,21 +228,59 @@ class Relay:
         self._recorder.record([], final=True)
 
     def _record(self, attempts: list[Attempt]) -> None:
+        sent = self._recorder.report.sent
         self._recorder.record(attempts)
+        self._rate.sent(self.clock(), self._recorder.report.sent - sent)
         if self._recorder.noticed:  # a failure notice was queued: a drain sends it too
             self._recorder.noticed, self._look = False, True
 
-    def _claim(self, room: int) -> list[QueuedMessage]:
+    def _claim(self, room: int, in_flight: int) -> list[QueuedMessage]:
+        """Claim up to `room` due messages, within the rate limit; after a queue error,
+        nothing for a while (1 s doubling to a minute)."""
         self._look = False
-        try:
-            claimed = self.queue.claim(self.clock(), room)
-        except QueueError as e:
-            self.log.error("queue_error", error=str(e))
-            self._recorder.report.queue_error = str(e)
+        now = self.clock()
+        if time.monotonic() < self._claim_after:
             return []
+        allowed = self._rate.room(now, in_flight)
+        if allowed is not None and allowed < room:
+            if not self._status.limited:
+                frees = self._rate.frees_at(now)
+                self.log.warning("rate_limited", rate_limit=str(self.rate_limit),
+                                 frees_in_s=None if frees is None else round(frees - now),
+                                 note="messages wait, untouched, until the window frees")
+                self._publish(limited=True)
+            room = allowed
+        elif self._status.limited:
+            self._publish(limited=False)
+        if room <= 0:
+            return []
+        try:
+            claimed = self.queue.claim(now, room)
+        except QueueError as e:
+            self._error_backoff = min(60.0, max(1.0, 2 * self._error_backoff))
+            self._claim_after = time.monotonic() + self._error_backoff
+            self.log.error("queue_error", error=str(e), retry_in_s=self._error_backoff)
+            self._recorder.report.queue_error = str(e)
+            self._publish(problem=str(e))
+            return []
+        if self._error_backoff:
+            self._error_backoff = 0.0
+            self._publish(problem=None)
         self._backlog = len(claimed) == room
         held = self._recorder.held()  # delivered already, the outcome only to be recorded
         return [msg for msg in claimed if msg.id not in held]
+
+    def _seed_rate(self) -> None:
+        """The rate window, from what the queue records of mail sent within one period."""
+        if self.rate_limit is None:
+            return
+        now = self.clock()
+        try:
+            sent = self.queue.sent_times(now - self.rate_limit.period, self.rate_limit.count)
+        except QueueError as e:
+            self.log.warning("sent_record_unreadable", error=str(e), note="the rate window starts empty")
+            sent = []
+        self._rate = RateWindow(self.rate_limit, sent)
 
     def _await(self, timeout: float, inflight: dict[Future, QueuedMessage]) -> list[Attempt]:
         """Wait up to `timeout` for events; the deliveries that finished meanwhile."""
@@ -285,25 +335,6 @@ class Relay:
         if self._status.state != before and self.supervision.on_status is not None:
             self.supervision.on_status()
 
-    # -- one delivery (on a worker thread) ----------------------------------------------
-
-    def _deliver(self, msg: QueuedMessage) -> Attempt:
-        started = time.perf_counter()
-        try:
-            if msg.envelope:
-                envelope = replace(explicit_envelope(msg.data, *msg.envelope), remaining=msg.partial)
-            else:
-                envelope = read_envelope(msg.data)
-        except MalformedMessage as e:
-            return Attempt(msg, None, PermanentFailure(str(e)), 0.0)
-        if self.envelope_from != "header":
-            envelope = replace(envelope, sender=None if self.envelope_from == "none" else self.envelope_from)
-        try:
-            outcome = self.transport.deliver(msg.data, envelope)
-        except Exception as e:  # noqa: BLE001 -- a transport bug must never lose the message
-            outcome = TemporaryFailure(f"internal error in transport: {e!r}", setup_error=True)
-        return Attempt(msg, envelope, outcome, (time.perf_counter() - started) * 1000)
-
     def _release(self, msgs: list[QueuedMessage]) -> None:
         try:
             self.queue.release(msgs)
@@ -335,6 +366,11 @@ class _Chores:
         if not self.watch.running:
             self.watch.start()
         waits = [relay.poll_interval if busy else self._idle(now), supervision.max_sleep or math.inf]
+        if relay._claim_after > mono:  # a queue error: look again once the backoff is over
+            waits.append(relay._claim_after - mono)
+        frees = relay._rate.frees_at(now)
+        if frees is not None:  # at the rate limit: look again once the window frees
+            waits.append(frees - now)
         if supervision.stats_every:
             if mono >= self.next_stats:
                 self.next_stats = mono + supervision.stats_every

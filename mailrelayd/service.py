@@ -2,10 +2,15 @@
 
 The main thread only supervises. It starts a relay for each configured queue (and for
 a glob's matches as they appear), holds each queue's single-relay lock, tells systemd
-how things are (READY, STATUS, WATCHDOG only while every relay's loop turns,
-STOPPING), feeds the metrics, and acts on the flags that signal handlers set: reload
-(SIGHUP), scan (SIGUSR1), stop (SIGTERM, SIGINT). A relay that fails or waits for its
-queue never holds up another.
+how things are (READY, STATUS, WATCHDOG while the supervisor itself runs, STOPPING),
+feeds the metrics, and acts on the flags that signal handlers set: reload (SIGHUP),
+scan (SIGUSR1), stop (SIGTERM, SIGINT).
+
+One queue's trouble is that queue's alone: a relay that crashes (a bug, or input nobody
+foresaw) is logged and started again after a backoff (1 s doubling to 5 min) while the
+others go on; one whose loop stops turning is reported as stalled (log, STATUS=, metrics)
+and never stops the watchdog pings. Only a failure of the supervisor ends the process
+(exit status 70).
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from mailrelayd.sdnotify import Notifier
 from mailrelayd.watch import Watcher
 
 STATUS_EVERY = 10.0  # STATUS= line and metrics gauges
+MAX_SLEEP = 15.0  # a relay's loop turns at least this often
+STALLED_TURNS = 4  # a relay whose loop has missed this many turns (of max_sleep) is stalled
+RESTART_FIRST, RESTART_MAX = 1.0, 300.0  # backoff between restarts of a crashing relay
+HEALTHY_RUN = 300.0  # a relay that ran this long before it crashed starts its backoff afresh
+_CRASHED = -1
 
 
 class QueueHeld(Exception):
@@ -43,7 +53,9 @@ class _Running:
     config: Config
     relay: Relay
     thread: threading.Thread = field(init=False)
-    status: int | None = None  # Relay.run's exit status, once it has returned
+    status: int | None = None  # Relay.run's exit status (or _CRASHED), once it has returned
+    error: str = ""  # what it crashed with
+    started: float = 0.0
 
 
 class Service:
@@ -69,7 +81,9 @@ class Service:
         self._ready = False
         self.exit_status = os.EX_OK
         self._next_sync = self._next_status = self._next_ping = 0.0
-        self._said_stalled: set[Path] = set()
+        self._stalled: set[Path] = set()
+        self._restart_at: dict[Path, float] = {}  # crashed relays, started again at this time
+        self._backoff: dict[Path, float] = {}
         self._watcher = Watcher()  # one inotify Observer for every queue
 
     # -- called from signal handlers: set a flag, post a token --------------------------
@@ -115,6 +129,9 @@ class Service:
                     self._events.get(timeout=timeout)
                 except stdqueue.Empty:
                     pass
+        except Exception as e:  # noqa: BLE001 -- the supervisor's own bug: a supervisor above restarts us
+            self.log.critical("service_crashed", error=repr(e)[:500])
+            self.exit_status = os.EX_SOFTWARE
         finally:
             self.notifier.stopping()
             self._stop_relays(list(self._running))
@@ -154,7 +171,7 @@ class Service:
             self._ready = True
             self.notifier.ready(self._status_line())
             self.log.info("service_ready", queues=len(self._running), waiting=len(self._said))
-        deadlines = []
+        deadlines = list(self._restart_at.values())
         if globs or self._said:  # look for new matches, or try waiting queues again
             deadlines.append(self._next_sync)
         if self.notifier.enabled or self.metrics is not None:
@@ -162,41 +179,50 @@ class Service:
                 self._next_status = now + STATUS_EVERY
                 self._publish_status()
             deadlines.append(self._next_status)
+        self._check_stalls(now)
+        deadlines.append(now + MAX_SLEEP)
         interval = self.notifier.watchdog_interval
         if interval:
-            if now >= self._next_ping:
-                if self._healthy(now, interval):
-                    self.notifier.watchdog()
+            if now >= self._next_ping:  # the supervisor turns: whatever one queue does, the process lives
+                self.notifier.watchdog()
                 self._next_ping = now + interval
             deadlines.append(self._next_ping)
-        return max(0.0, min(deadlines) - now) if deadlines else 3600.0
+        return max(0.0, min(deadlines) - now)
 
-    def _healthy(self, now: float, interval: float) -> bool:
-        """Every relay's loop has turned within the watchdog interval (a hung one gets
-        no ping, so systemd restarts the process)."""
-        healthy = True
+    def _check_stalls(self, now: float) -> None:
+        """Report a relay whose loop has stopped turning (queue_stalled), and its recovery."""
+        limit = STALLED_TURNS * (self._supervision().max_sleep or MAX_SLEEP)
         for path, running in self._running.items():
-            heartbeat = running.relay.status().heartbeat
-            stalled = running.thread.is_alive() and now - heartbeat > interval
-            if stalled and path not in self._said_stalled:
-                self.log.critical("relay_stalled", queue=str(path), seconds=round(now - heartbeat, 1),
-                                  note="no watchdog ping: systemd will restart mailrelayd")
-                self._said_stalled.add(path)
-            healthy = healthy and not stalled
-        return healthy
+            age = now - running.relay.status().heartbeat
+            stalled = running.thread.is_alive() and age > limit
+            if stalled and path not in self._stalled:
+                self._stalled.add(path)
+                self.log.error("queue_stalled", queue=str(path), seconds=round(age, 1),
+                               note="its relay's loop has not turned; the other queues go on")
+            elif not stalled and path in self._stalled:
+                self._stalled.discard(path)
+                self.log.info("queue_recovered", queue=str(path))
+            if self.metrics is not None:
+                self.metrics.stalled(str(path), stalled)
 
     def _reap(self) -> None:
-        """Forget relays that ended by themselves (their queue can never work, or a bug)."""
+        """Forget relays that ended by themselves: a queue that can never work stays ended
+        (until a reload); one that crashed is started again after its backoff."""
+        now = self.monotonic()
         for path, running in list(self._running.items()):
             if running.thread.is_alive():
                 continue
             del self._running[path]
+            self._stalled.discard(path)
             running.relay.transport.close()
-            if running.status == os.EX_SOFTWARE:
-                self.exit_status = os.EX_SOFTWARE
-                self.request_stop()  # a bug: stop, so that a supervisor restarts a clean process
-            else:
+            if running.status != _CRASHED:
                 self._ended[path] = running.status or os.EX_OK
+                continue
+            delay = RESTART_FIRST if now - running.started >= HEALTHY_RUN else self._backoff.get(path, RESTART_FIRST)
+            self._backoff[path] = min(RESTART_MAX, 2 * delay)
+            self._restart_at[path] = now + delay
+            self.log.critical("relay_crashed", queue=str(path), error=running.error, restart_in_s=delay,
+                              note="only this queue; the others go on")
 
     # -- queues: which should run, and starting and stopping them -------------------------
 
@@ -211,8 +237,11 @@ class Service:
         for path in list(self._said):
             if path not in wanted:
                 del self._said[path]
+        now = self.monotonic()
+        for path in [p for p, at in self._restart_at.items() if at <= now or p not in wanted]:
+            del self._restart_at[path]
         for path, queue in wanted.items():
-            if path in self._running or path in self._ended:
+            if path in self._running or path in self._ended or path in self._restart_at:
                 continue
             held_by = self._lock(queue)
             if held_by is not None and not self.config.allow_concurrent:
@@ -251,7 +280,7 @@ class Service:
         and metrics, a word when its state changes, and the one Watcher."""
         interval = self.notifier.watchdog_interval
         return Supervision(
-            max_sleep=interval / 2 if interval else None,
+            max_sleep=min(MAX_SLEEP, interval / 2) if interval else MAX_SLEEP,
             stats_every=STATUS_EVERY if self.notifier.enabled or self.metrics is not None else None,
             observer=self.metrics.delivery if self.metrics is not None else None,
             on_status=lambda: self._events.put(None),
@@ -267,7 +296,7 @@ class Service:
         return relay
 
     def _start(self, path: Path, queue: Config, relay: Relay) -> None:
-        running = _Running(queue, relay)
+        running = _Running(queue, relay, started=self.monotonic())
         running.thread = threading.Thread(target=self._run_relay, args=(running,), name=f"relay {path.name}")
         self._running[path] = running
         running.thread.start()
@@ -275,9 +304,8 @@ class Service:
     def _run_relay(self, running: _Running) -> None:
         try:
             running.status = running.relay.run()
-        except BaseException as e:  # noqa: BLE001 -- a bug: say so, and let the supervisor stop the process
-            self.log.critical("relay_crashed", queue=running.relay.queue.name, error=repr(e))
-            running.status = os.EX_SOFTWARE
+        except Exception as e:  # noqa: BLE001 -- a bug, or input nobody foresaw: this queue only
+            running.error, running.status = repr(e)[:500], _CRASHED
         finally:
             self._events.put(None)
 
@@ -346,8 +374,11 @@ class Service:
         totals = [r.relay.status() for r in self._running.values()]
         stats = [t.stats for t in totals if t.stats is not None]
         line = f"{len(totals)} queue{'s' * (len(totals) != 1)}"
-        if self._said:
-            line += f" ({len(self._said)} waiting)"
+        trouble = [f"{len(self._said)} waiting"] if self._said else []
+        trouble += [f"{len(self._stalled)} stalled"] if self._stalled else []
+        trouble += [f"{len(self._restart_at)} restarting"] if self._restart_at else []
+        if trouble:
+            line += f" ({', '.join(trouble)})"
         if stats:
             line += (f": {sum(s.queued for s in stats)} queued, {sum(s.deferred for s in stats)} deferred,"
                      f" {sum(s.failed for s in stats)} failed")

@@ -108,6 +108,36 @@ def size(value: Any) -> int:
     raise ValueError("expected a size such as 25M, 512K or 1000000")
 
 
+@dataclass(frozen=True)
+class Rate:
+    """At most `count` messages in any `period` seconds."""
+
+    count: int
+    period: float
+
+    def __str__(self) -> str:
+        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+            if self.period % seconds == 0:
+                n = int(self.period // seconds)
+                return f"{self.count}/{n if n != 1 else ''}{unit}"
+        return f"{self.count}/{self.period:g}s"
+
+
+def rate(value: Any) -> Rate | None:
+    """N/PERIOD (600/h, 100/10m, 5/1s), or none."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "off"):
+        return None
+    count, slash, period = value.partition("/") if isinstance(value, str) else ("", "", "")
+    try:
+        number = int_range(1, 10**9)(count)
+        seconds = duration(1)(period if period[:1].isdigit() else f"1{period}")
+    except ValueError:
+        raise ValueError("expected a rate such as 600/h, 100/10m or none") from None
+    if not slash:
+        raise ValueError("expected a rate such as 600/h, 100/10m or none")
+    return Rate(number, seconds)
+
+
 def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -72,10 +72,10 @@ def test_status_json_schema(queue_harness, status_json):
     """`status --json` prints exactly the documented keys with the documented types."""
     queue_harness.enqueue(fossil_message())
     report = status_json(queue_harness)
-    assert set(report) == {"queue", "queued", "deferred", "failed", "sent_24h", "oldest_queued_s", "relay_pid",
-                           "next_try"}
+    assert set(report) == {"queue", "queued", "deferred", "failed", "refused", "sent_24h", "oldest_queued_s",
+                           "relay_pid", "next_try"}
     assert isinstance(report["queue"], str) and os.path.isabs(report["queue"])
-    for key in ("queued", "deferred", "failed"):
+    for key in ("queued", "deferred", "failed", "refused"):
         assert type(report[key]) is int
     assert report["sent_24h"] is None or type(report["sent_24h"]) is int
     assert type(report["oldest_queued_s"]) in (int, float)

@@ -108,3 +108,46 @@ def test_a_plain_address_is_one_bare_address_to_the_email_package(text):
         assert not text.startswith(("-", "|", "/")) and text.isprintable() and " " not in text
     assert safe_address(text) in (None, text)
     assert safe_address(text) is None or is_plain_address(text) and "@" in text
+
+
+_HEADER_PARTS = st.sampled_from([
+    "a@x.org", "Bob <b@x.org>", '"Q, R" <q@x.org>', "(", ")", "<", ">", '"', ",", ";", ":", "g:", "\\", "@",
+    "=?utf-8?b?A?=", "=?utf-8?q?=E9?=", "=?x-unknown?q?a?=", "=?utf-8?b?", "?=", " ", "\t", "\r\n ", "\x00",
+    "\x1b]52;c;", "\u2028", "\u202e", "é", "|cmd@x.org", "-oQ@x.org", "/etc/x@y", "a" * 50,
+])
+_HEADER_VALUE = st.lists(_HEADER_PARTS, max_size=30).map("".join)
+
+
+@settings(max_examples=800)
+@given(to=_HEADER_VALUE, cc=_HEADER_VALUE, subject=_HEADER_VALUE, sender=_HEADER_VALUE,
+       nesting=st.integers(0, 3000))
+def test_hostile_headers_only_ever_raise_malformed_message(to, cc, subject, sender, nesting):
+    """Whatever a forum user or a jail writes in To:, Cc:, Subject: or From:, parsing raises only MalformedMessage, and every recipient it returns is plain."""
+    from mailrelayd.inject import is_plain_address
+
+    header = (f"To: {'(' * nesting}{to}{')' * nesting}\r\nCc: {cc}\r\nSubject: {subject}\r\nFrom: {sender}\r\n"
+              "\r\nbody\r\n")
+    try:
+        envelope = read_envelope(header.encode("utf-8", "surrogateescape"))
+    except MalformedMessage:
+        return
+    assert all(is_plain_address(r) for r in envelope.recipients)
+    assert envelope.sender is None or is_plain_address(envelope.sender, need_domain=True)
+
+
+def test_an_invalid_encoded_word_in_a_subject_is_kept_as_written():
+    """A forum title such as =?utf-8?b?A?= (copied by Fossil into Subject:) is a subject, not an error."""
+    envelope = read_envelope(b"To: a@x.org\r\nSubject: [proj] =?utf-8?b?A?=\r\n\r\nbody\r\n")
+    assert envelope.subject == "[proj] =?utf-8?b?A?=" and envelope.recipients == ("a@x.org",)
+
+
+@pytest.mark.parametrize("header", [
+    b"To: " + b"(" * 5000 + b"a@x.org" + b")" * 5000,  # RecursionError in the email package
+    b"To: " + b"g:" * 2000 + b"a@x.org;",
+    b"To: |/bin/sh@x.org",  # a pipe to a command
+    b"To: " + b"a@x.org, " * 8000,  # a header over MAX_HEADER
+])
+def test_headers_the_email_package_cannot_take_are_malformed(header):
+    """Deep nesting, a command for an address and an oversized header are refused as MalformedMessage."""
+    with pytest.raises(MalformedMessage):
+        read_envelope(header + b"\r\nSubject: s\r\n\r\nbody\r\n")

@@ -4,6 +4,7 @@ import random
 
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.maildir import MaildirTransport
+from mailrelayd.values import Rate
 from conftest import fossil_message
 
 
@@ -149,3 +150,43 @@ def test_no_notice_without_notify_failed(queue_harness, fake_sendmail, make_rela
     fake_sendmail.exit_with(65)
     report = make_relay(queue_harness).drain()
     assert report.failed == 1 and len(fake_sendmail.calls()) == 1
+
+
+def test_more_recipients_than_max_recipients_is_set_aside_unsent(queue_harness, make_relay, fake_sendmail):
+    """A message for more recipients than max_recipients never reaches sendmail and is set aside with the reason."""
+    queue_harness.enqueue(fossil_message(to="a@example.com, b@example.com, c@example.com"))
+    report = make_relay(queue_harness, max_recipients=2).drain()
+    assert report.failed == 1 and fake_sendmail.calls() == []
+    [(reason, _)] = queue_harness.failed()
+    assert reason == "3 recipients, over max_recipients (2)"
+
+
+def test_messages_over_the_rate_limit_wait_untouched(queue_harness, make_relay, fake_sendmail, clock):
+    """Past rate_limit a drain sends no more, leaves the rest queued with no attempt counted, and exits 75."""
+    for i in range(5):
+        queue_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    report = make_relay(queue_harness, rate_limit=Rate(3, 3600.0)).drain()
+    assert (report.sent, report.rate_limited, report.exit_status) == (3, True, 75)
+    assert queue_harness.queued() == 2 and queue_harness.deferred() == [] and queue_harness.failed() == []
+    assert len(fake_sendmail.calls()) == 3
+
+
+def test_the_rate_window_frees_after_its_period(queue_harness, make_relay, fake_sendmail, clock):
+    """Once the period has passed, the messages that waited go out."""
+    for i in range(5):
+        queue_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    relay = make_relay(queue_harness, rate_limit=Rate(3, 3600.0))
+    relay.drain()
+    clock.advance(3601)
+    report = relay.drain()
+    assert (report.sent, report.exit_status) == (2, 0) and queue_harness.queued() == 0
+
+
+def test_the_rate_window_carries_over_to_the_next_drain(sqlite_harness, make_relay, fake_sendmail, clock):
+    """A drain run from cron counts what earlier drains sent (sentlog): it does not start a fresh window."""
+    for i in range(5):
+        sqlite_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    assert make_relay(sqlite_harness, rate_limit=Rate(3, 3600.0)).drain().sent == 3
+    clock.advance(60)
+    report = make_relay(sqlite_harness, rate_limit=Rate(3, 3600.0)).drain()
+    assert (report.sent, report.exit_status) == (0, 75) and sqlite_harness.queued() == 2

@@ -121,7 +121,7 @@ def _status_all(queues: list[Config], args, now: float) -> int:
     sent = [r["sent_24h"] for r in reports if r["sent_24h"] is not None]
     pids = {r["relay_pid"] for r in reports}
     totals = {
-        **{key: sum(r[key] for r in reports) for key in ("queued", "deferred", "failed")},
+        **{key: sum(r[key] for r in reports) for key in ("queued", "deferred", "failed", "refused")},
         "sent_24h": sum(sent) if sent else None,
         "oldest_queued_s": max((r["oldest_queued_s"] for r in reports if r["oldest_queued_s"] is not None),
                                default=None),
@@ -147,6 +147,7 @@ def _report(queue: Queue, now: float) -> dict:
         "queued": stats.queued,
         "deferred": stats.deferred,
         "failed": stats.failed,
+        "refused": stats.refused,
         "sent_24h": stats.sent_24h,
         "oldest_queued_s": None if stats.oldest_queued_s is None else round(stats.oldest_queued_s, 1),
         "relay_pid": holder_pid(queue.lock_path),
@@ -162,6 +163,7 @@ def _print_status(report: dict, now: float) -> None:
         ("deferred", f"{report['deferred']}" + (f" (next try {when(next_try)}, in {age(next_try - now)})"
                                                  if next_try is not None else "")),
         ("failed", str(report["failed"])),
+        ("refused", str(report["refused"])),
         ("sent_24h", "not kept (keep_sent is off)" if report["sent_24h"] is None else str(report["sent_24h"])),
         ("oldest_queued", age(report["oldest_queued_s"])),
         ("relay_pid", "none" if report["relay_pid"] is None else str(report["relay_pid"])),

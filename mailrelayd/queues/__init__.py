@@ -63,7 +63,8 @@ class QueueStats:
     `queued`: due or new (not failed); `deferred`: waiting for a later try; `failed`: set
     aside; `sent_24h`: sent in the last day, None when the queue keeps no record of it;
     `oldest_queued_s`: age of the oldest message still to send (queued or deferred);
-    `next_try`: the earliest next try of the deferred ones.
+    `next_try`: the earliest next try of the deferred ones; `refused`: refused unread (a
+    spool's corrupt/, SQLite rows over max_size).
     """
 
     queued: int
@@ -72,6 +73,7 @@ class QueueStats:
     sent_24h: int | None
     oldest_queued_s: float | None
     next_try: float | None
+    refused: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,11 @@ class Queue(Protocol):
         ...
 
     def maintain(self, now: float) -> None: ...
+
+    def sent_times(self, since: float, limit: int) -> list[float]:
+        """When the latest (at most `limit`) messages sent since `since` were sent, as far as
+        the queue records it (sentlog, kept sent files); [] when it keeps no record."""
+        ...
 
     def rescan(self) -> None:
         """Forget what the queue keeps in memory of its state (another process changed it)."""

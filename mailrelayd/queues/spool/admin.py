@@ -8,14 +8,17 @@ message it belongs to is moved, so a crash leaves at worst an orphan schedule.
 
 from __future__ import annotations
 
+import heapq
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mailrelayd.inject import is_plain_address, split_envelope
-from mailrelayd.queues import Entry
+from mailrelayd.queues import Entry, QueueStats
 from mailrelayd.queues.spool.rules import READ_FLAGS, number, read_all
 from mailrelayd.queues.spool.state import SPOOL
+
+OLDEST_PROBE = 64  # new files whose age stats() looks at: those with the smallest names
 
 if TYPE_CHECKING:
     from mailrelayd.queues.spool.queue import SpoolQueue
@@ -150,3 +153,31 @@ def _addresses(values) -> tuple[str, ...] | None:
         return None
     found = tuple(v.strip() for v in values if isinstance(v, str) and is_plain_address(v.strip()))
     return found or None
+
+
+def stats(queue: SpoolQueue, now: float) -> QueueStats:
+    """The counts from directory listings and the deferred index (which may be up to
+    RESCAN_DEFERRED seconds behind other processes' changes). A new file's age is its
+    mtime; only the OLDEST_PROBE smallest names are looked at (Fossil's and
+    mailrelayd-sendmail's names start with the time they were written). With keep_sent,
+    sent_24h stats every kept file."""
+    state = queue.state
+    new = state.names(SPOOL)
+    times = [st.st_mtime for name in heapq.nsmallest(OLDEST_PROBE, new) if (st := state.lstat(SPOOL, name))]
+    deferred = queue.deferred_times(now)
+    later = [t for t, _ in deferred if t > now]
+    times += [first_seen for _, first_seen in deferred]
+    sent = None
+    if queue.keep_sent:
+        sent = sum(1 for n in state.names("sent") if (st := state.lstat("sent", n)) and st.st_mtime >= now - 86400)
+    oldest = min(times, default=None)
+    return QueueStats(queued=len(new) + len(deferred) - len(later), deferred=len(later),
+                      failed=_set_aside(state, "failed"), sent_24h=sent,
+                      oldest_queued_s=None if oldest is None else max(0.0, now - oldest),
+                      next_try=min(later, default=None), refused=_set_aside(state, "corrupt"))
+
+
+def _set_aside(state, where: str) -> int:
+    """Entries in failed/ or corrupt/, not counting their .reason files."""
+    names = set(state.names(where))
+    return sum(1 for n in names if not (n.endswith(".reason") and n[:-7] in names))

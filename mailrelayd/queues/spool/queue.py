@@ -32,13 +32,13 @@ from pathlib import Path
 from mailrelayd.inject import split_envelope, spool_file_name
 from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope
-from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats
+from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats, stored
 from mailrelayd.queues.spool import admin
 from mailrelayd.queues.spool.rules import READ_FLAGS, Rules, kind, number, read_all, same_file
 from mailrelayd.queues.spool.state import SPOOL, DeferredIndex, SpoolState
+from mailrelayd.throttle import Throttle
 
 LIST_BATCH = 4096  # oldest names taken from one listing: memory stays flat however long the backlog
-OLDEST_PROBE = 64  # new files whose age stats() looks at: those with the smallest names
 
 
 @dataclass
@@ -51,7 +51,7 @@ class _Held:
 class SpoolQueue:
     def __init__(self, spool: Path, state: Path | None = None, *, settle: float = 2.0,
                  max_size: int = 25 * 2**20, owner_uid: int | None = None, keep_sent: bool = False,
-                 sentlog_retention: float = 30 * 86400):
+                 sentlog_retention: float = 30 * 86400, refused_retention: float = 30 * 86400):
         self.spool = spool = spool.absolute()
         self.state = SpoolState(spool, (state or spool.with_name(spool.name + ".mailrelayd")).absolute())
         self.name = str(spool)
@@ -62,12 +62,18 @@ class SpoolQueue:
         self.keep_sent = keep_sent
         self.sent_record = "sent messages" if keep_sent else None
         self.sentlog_retention = sentlog_retention
+        self.refused_retention = refused_retention
         self._closed: set[str] = set()  # names whose writer has closed them (watcher's thread)
         self._held: dict[str, _Held] = {}
         self._deferred = DeferredIndex(self.state)
         self._ready: deque[str] = deque()  # complete new files from the last listing, oldest first
         self._settles_at: float | None = None  # when the next unsettled new file may be taken
         self.log = get_logger(queue=self.name)
+        self._refused = Throttle(self.log, "message_refused")  # a flood is said as a count
+        self._not_refused = Throttle(self.log, "message_not_refused", level="error")
+        self._repaired = Throttle(self.log, "queue_state_repaired",
+                                  note="the schedule was not as mailrelayd wrote it: the message starts afresh")
+        self._throttles = (self._refused, self._not_refused, self._repaired)
 
     # -- opening -----------------------------------------------------------------
 
@@ -92,6 +98,8 @@ class SpoolQueue:
     # -- claim and acknowledge ----------------------------------------------------
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]:
+        for throttle in self._throttles:  # say what a flood held back, once its minute is over
+            throttle.flush()
         claimed: list[QueuedMessage] = []
         try:
             for name in self._deferred.due(now, self._held):
@@ -129,39 +137,18 @@ class SpoolQueue:
         return name
 
     def stats(self, now: float) -> QueueStats:
-        """The counts from directory listings and the deferred index (which may be up to
-        RESCAN_DEFERRED seconds behind other processes' changes). A new file's age is its
-        mtime; only the OLDEST_PROBE smallest names are looked at (Fossil's and
-        mailrelayd-sendmail's names start with the time they were written). With keep_sent,
-        sent_24h stats every kept file."""
-        try:
-            new = self.state.names(SPOOL)
-            times = []
-            for name in heapq.nsmallest(OLDEST_PROBE, new):
-                try:
-                    times.append(os.stat(name, dir_fd=self.state.fd(SPOOL), follow_symlinks=False).st_mtime)
-                except FileNotFoundError:
-                    pass
-            deferred = self._deferred.times(now).values()
-            later = [t for t, _ in deferred if t > now]
-            times += [first_seen for _, first_seen in deferred]
-            names = set(self.state.names("failed"))
-            failed = sum(1 for n in names if not (n.endswith(".reason") and n[:-7] in names))
-            sent = None
-            if self.keep_sent:
-                sent = sum(1 for n in self.state.names("sent")
-                           if (st := self.state.lstat("sent", n)) and st.st_mtime >= now - 86400)
-        except OSError as e:
-            raise QueueError(f"{self.state.root}: {e.strerror or e}") from None
-        oldest = min(times, default=None)
-        return QueueStats(queued=len(new) + len(deferred) - len(later), deferred=len(later), failed=failed,
-                          sent_24h=sent, oldest_queued_s=None if oldest is None else max(0.0, now - oldest),
-                          next_try=min(later, default=None))
+        with self._os_errors():
+            return admin.stats(self, now)
+
+    def deferred_times(self, now: float):
+        """(next try, first seen) of each deferred message, as the relay knows them."""
+        return list(self._deferred.times(now).values())
 
     def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
         for msg, _ in sent:
-            held = self._held.pop(str(msg.id))
-            with self._finishing(held):
+            if (held := self._held.get(str(msg.id))) is None:
+                continue  # recorded already (with others whose recording failed)
+            with self._recording(str(msg.id), held):
                 src = self.state.fd(held.where)
                 if self.keep_sent:
                     kept = self.state.move_in(src, held.name, "sent")
@@ -173,11 +160,13 @@ class SpoolQueue:
 
     def defer(self, msg: QueuedMessage, error: str, next_try: float, now: float,
               recipients: tuple[str, ...] | None = None) -> None:
-        held = self._held.pop(str(msg.id))
-        with self._finishing(held):
+        if (held := self._held.get(str(msg.id))) is None:
+            return
+        with self._recording(str(msg.id), held):
+            if held.where != "deferred":  # moved first: a later try finds it there
+                moved = self.state.move_in(self.state.fd(held.where), held.name, "deferred")
+                held.where, held.name = "deferred", moved or held.name
             name = held.name
-            if held.where != "deferred":
-                name = self.state.move_in(self.state.fd(held.where), held.name, "deferred") or name
             state = {"attempts": msg.attempts + 1, "first_seen": msg.first_seen, "next_try": next_try,
                      "last_try": now, "last_error": error}
             remaining = recipients if recipients is not None else self.state.schedule(name).get("recipients")
@@ -188,9 +177,10 @@ class SpoolQueue:
 
     def set_aside(self, msg: QueuedMessage, reason: str, now: float,
                   recipients: tuple[str, ...] | None = None) -> None:
-        held = self._held.pop(str(msg.id))
         extra = {"recipients": ", ".join(recipients)} if recipients is not None else {}
-        with self._finishing(held):
+        if (held := self._held.get(str(msg.id))) is None:
+            return
+        with self._recording(str(msg.id), held):
             self.state.set_aside(self.state.fd(held.where), held.name, "failed", reason, attempts=msg.attempts + 1,
                                  first_seen=msg.first_seen, failed_at=now, **extra)
             self._forget_deferred(held)
@@ -209,9 +199,13 @@ class SpoolQueue:
         return self._settles_at
 
     def maintain(self, now: float) -> None:
-        """Prune kept sent files past the retention, orphan schedules and stale temporaries."""
+        """Prune kept sent files and refused entries past their retention, orphan schedules
+        and stale temporaries; say what floods of refusals were held back."""
+        for throttle in self._throttles:
+            throttle.flush()
         try:
             self.state.prune("sent", now - self.sentlog_retention)
+            self.state.prune("corrupt", now - self.refused_retention)
             deferred = set(self.state.names("deferred"))
             for name in self.state.names("schedule"):
                 if name not in deferred:
@@ -255,6 +249,13 @@ class SpoolQueue:
     def purge_refused(self, before: float) -> list[str]:
         with self._os_errors():
             return self.state.prune("corrupt", before)
+
+    def sent_times(self, since: float, limit: int) -> list[float]:
+        if not self.keep_sent:
+            return []
+        with self._os_errors():
+            times = [st.st_mtime for n in self.state.names("sent") if (st := self.state.lstat("sent", n))]
+        return sorted(t for t in times if t >= since)[-limit:]
 
     def rescan(self) -> None:
         """Read the deferred index again at the next claim (an administrator changed it)."""
@@ -342,12 +343,14 @@ class SpoolQueue:
         if envelope is not None:
             sender, recipients, data = envelope
             recorded = (sender, recipients)
-        remaining = schedule.get("recipients")
-        if remaining:  # after a partial send, only those still to get it
-            recorded = (recorded[0] if recorded else "", tuple(remaining))
-        return QueuedMessage(id=name, data=data, attempts=int(number(schedule.get("attempts"), 0)),
-                             first_seen=number(schedule.get("first_seen"), now), envelope=recorded,
-                             partial=bool(remaining))
+        past, problem = stored.history(schedule.get("attempts", 0), schedule.get("first_seen", now),
+                                       schedule.get("recipients"), now)
+        if problem is not None:
+            self._repaired(emailid=name, problem=problem)
+        if past.recipients:  # after a partial send, only those still to get it
+            recorded = (recorded[0] if recorded else "", past.recipients)
+        return QueuedMessage(id=name, data=data, attempts=past.attempts, first_seen=past.first_seen,
+                             envelope=recorded, partial=bool(past.recipients))
 
     # -- moving files -------------------------------------------------------------
 
@@ -356,11 +359,10 @@ class SpoolQueue:
         try:
             target = self.state.set_aside(self.state.fd(where), name, "corrupt", reason)
         except OSError as e:
-            self.log.error("message_not_refused", emailid=name, reason=reason, error=e.strerror or str(e))
+            self._not_refused(emailid=name, reason=reason, error=e.strerror or str(e))
             return
         if target is not None:
-            self.log.warning("message_refused", emailid=name, reason=reason,
-                             moved_to=f"{self.state.root}/corrupt/{target}")
+            self._refused(emailid=name, reason=reason, moved_to=f"{self.state.root}/corrupt/{target}")
 
     def _forget_deferred(self, held: _Held) -> None:
         if held.where == "deferred":
@@ -368,13 +370,14 @@ class SpoolQueue:
             self._deferred.forget(held.name)
 
     @contextmanager
-    def _finishing(self, held: _Held):
-        """Record an outcome, then close the file, releasing its lock, whatever happens."""
-        try:
-            with self._os_errors():
-                yield
-        finally:
-            os.close(held.fd)
+    def _recording(self, key: str, held: _Held):
+        """Record an outcome for a held file; only once it is recorded, close the file and
+        so release its lock. If recording fails (a full disk, a spool made unwritable), the
+        file stays held: recording it again later finds it still held."""
+        with self._os_errors():
+            yield
+        del self._held[key]
+        os.close(held.fd)
 
     @contextmanager
     def _os_errors(self):

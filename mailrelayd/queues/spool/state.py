@@ -63,15 +63,18 @@ class SpoolState:
             if device != os.fstat(spool_fd).st_dev:
                 raise QueueError(f"{self.root} is not on the same file system as {self.spool}: moves would not"
                                  " be atomic; set state_dir to a directory beside the spool", permanent=True)
+            _only_ours(self.root.parent, parent)
             if existing is None:
                 os.mkdir(self.root, 0o750)
             fds[ROOT] = root_fd = _open_dir(str(self.root))
+            _only_ours(self.root, os.fstat(root_fd))
             for sub in SUBDIRS:
                 try:
                     os.mkdir(sub, 0o750, dir_fd=root_fd)
                 except FileExistsError:
                     pass
                 fds[sub] = _open_dir(sub, root_fd, f"{self.root}/{sub}")
+                _only_ours(self.root / sub, os.fstat(fds[sub]))
         except BaseException as e:
             for fd in fds.values():
                 os.close(fd)
@@ -212,6 +215,20 @@ class SpoolState:
                 self.unlink(sub, f"{name}.reason")
                 done.append(name)
         return done
+
+
+def _only_ours(path: Path, st: os.stat_result) -> None:
+    """Refuse a state directory (or its parent) that anyone but the relay's user and root may
+    write, as sshd's StrictModes does: whoever can write there can redirect the relay's moves."""
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise QueueError(f"{path} belongs to uid {st.st_uid}: a state directory and its parent must belong to the"
+                         f" relay's user (uid {me}) or root; chown it, or set state_dir elsewhere on the spool's"
+                         " file system", permanent=True)
+    if st.st_mode & 0o022:
+        raise QueueError(f"{path} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):o}): a"
+                         f" state directory and its parent must be writable only by the relay's user and root;"
+                         f" chmod go-w {path}, or set state_dir elsewhere on the spool's file system", permanent=True)
 
 
 def _open_dir(name: str, dir_fd: int | None = None, shown: str | None = None) -> int:

@@ -275,6 +275,12 @@ class SqliteQueue:
     def rescan(self) -> None:
         pass  # nothing is kept in memory
 
+    def sent_times(self, since: float, limit: int) -> list[float]:
+        with self._errors():
+            rows = self._db.execute("SELECT mtime FROM sentlog WHERE mtime >= ? ORDER BY mtime DESC LIMIT ?",
+                                    (int(since), limit)).fetchall()
+        return [float(t) for (t,) in rows if isinstance(t, int | float)]
+
     # -- helpers ----------------------------------------------------------------
 
     def _path_inode(self) -> tuple[int, int] | None:
