@@ -7,9 +7,15 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from contextlib import closing
+from pathlib import Path
+
+import pytest
 
 from mailrelayd.message import to_lf
 from conftest import ROOT, fossil_message, run_cli, wait_until
+
+FOSSIL_LIKE = Path(__file__).with_name("fossil_like.py")
 
 DRAINS, WORKERS = 2, 2  # drains side by side, and the workers of each: many claims, many races
 
@@ -96,6 +102,16 @@ def test_two_drains_on_one_file_deliver_each_message_once(queue_harness, fake_se
     assert sum(drain_done(out)["sent"] for out in outputs) == 200
 
 
+@pytest.fixture
+def cpu_load():
+    """Two CPU-bound processes beside the test, as on a busy 2-core machine; killed after it."""
+    hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(2)]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+
+
 def has_open(pid: int, path) -> bool:
     try:
         return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
@@ -173,3 +189,34 @@ def test_first_open_waits_out_a_fossil_insert_in_progress(sqlite_harness, fake_s
     assert proc.returncode == 0, log
     assert sorted(fake_sendmail.bodies()) == sorted([to_lf(early), to_lf(late)])
     assert sqlite_harness.queued() == 0
+
+
+def has_table(path: Path, name: str) -> bool:
+    if not path.exists():
+        return False
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0] == 1
+
+
+def maildir_subjects(maildir: Path) -> list[str]:
+    found = []
+    for f in (maildir / "new").iterdir():
+        found += [line[len("Subject: "):] for line in f.read_text().splitlines() if line.startswith("Subject: ")]
+    return found
+
+
+def test_first_opens_never_make_fossil_wait_100_ms_under_load(tmp_path, cpu_load):
+    """Under CPU load, drains opening files Fossil has just made while it inserts (as Fossil does, no busy handler) all exit 0, and no insert fails or sleeps 100 ms on them."""
+    for n in range(3):
+        queue = tmp_path / f"round{n}" / "emailqueue.db"
+        queue.parent.mkdir()
+        writer = subprocess.Popen([sys.executable, str(FOSSIL_LIKE), str(queue), "2"], stdout=subprocess.PIPE, text=True)
+        wait_until(lambda: has_table(queue, "email"), what="Fossil to make its file")
+        first = run_cli("--drain", "--db", str(queue), "--maildir", str(queue.parent / "out"))
+        inserts = json.loads(writer.communicate(timeout=60)[0])
+        assert first.returncode == 0, first.stderr
+        assert inserts["failures"] == []
+        assert inserts["max_busy_retries"] < 10, inserts["max_busy_retries"]
+        rest = run_cli("--drain", "--db", str(queue), "--maildir", str(queue.parent / "out"))
+        assert rest.returncode == 0, rest.stderr
+        assert sorted(maildir_subjects(queue.parent / "out")) == sorted(inserts["inserted"])

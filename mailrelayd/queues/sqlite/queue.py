@@ -93,42 +93,46 @@ class SqliteQueue:
         """Open the file (never create it), set WAL and create what is missing.
 
         Switching a file to WAL does not wait for a writer the way other statements do
-        (SQLite answers "database is locked" at once), so the whole set-up is retried
-        while another process, such as Fossil mid-insert, holds the lock.
+        (SQLite answers "database is locked" at once), so the set-up is retried on the same
+        connection every 10 ms, for up to BUSY_TIMEOUT, while another process, such as
+        Fossil mid-insert, holds the lock. Between tries no lock is held, so Fossil's own
+        commit, which retries every 10 ms, never waits on this one.
         """
         if self._conn is not None:
             return
         if not self.path.exists():
             raise QueueError(f"{self.path}: no such file")
         deadline = time.monotonic() + BUSY_TIMEOUT
-        while True:
-            try:
-                self._conn = self._connect()
-                break
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() >= deadline:
-                    raise QueueError(f"{self.path}: {e}") from None
-                time.sleep(0.01)
-            except sqlite3.DatabaseError as e:
-                if "not a database" in str(e):
-                    raise QueueError(f"{self.path}: not a SQLite database") from None
-                raise QueueError(f"{self.path}: {e}") from None
+        conn = None
+        try:
+            conn = sqlite3.connect(self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT)
+            while True:
+                try:
+                    self._set_up(conn)
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
+            if not isinstance(e, sqlite3.DatabaseError):
+                raise
+            if "not a database" in str(e):
+                raise QueueError(f"{self.path}: not a SQLite database") from None
+            raise QueueError(f"{self.path}: {e}") from None
+        self._conn = conn
         self._inode = self._path_inode()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None,
-                               timeout=BUSY_TIMEOUT)
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
-                self.journal_mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
-            else:
-                self.journal_mode = "wal"
-            conn.execute("PRAGMA synchronous=NORMAL")
-            create_schema(conn, self.path)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
+            self.journal_mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+        else:
+            self.journal_mode = "wal"
+        conn.execute("PRAGMA synchronous=NORMAL")
+        create_schema(conn, self.path)
 
     def close(self) -> None:
         if self._conn is not None:
