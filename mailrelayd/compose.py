@@ -25,7 +25,9 @@ def make_queue(config: Config) -> Queue:
                           owner_uid=config.spool_owner, keep_sent=config.keep_sent,
                           sentlog_retention=config.sentlog_retention, refused_retention=config.refused_retention)
     assert config.db is not None
-    return SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention)
+    return SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention,
+                       max_size=config.max_size, sql_timeout=config.sql_timeout,
+                       refused_retention=config.refused_retention)
 
 
 def make_transport(config: Config) -> Transport:

@@ -111,6 +111,7 @@ class Relay:
     def stop(self) -> None:
         """Take no new work; `run` or `drain` returns once in-flight deliveries are done."""
         self._stopping = True
+        self.queue.interrupt()
         self._events.put(_WAKE)
 
     def status(self) -> RelayStatus:

@@ -157,6 +157,10 @@ class Queue(Protocol):
         the queue records it (sentlog, kept sent files); [] when it keeps no record."""
         ...
 
+    def interrupt(self) -> None:
+        """A stop was asked for: cut short whatever may take long now (safe from another thread)."""
+        ...
+
     def rescan(self) -> None:
         """Forget what the queue keeps in memory of its state (another process changed it)."""
         ...

@@ -257,6 +257,9 @@ class SpoolQueue:
             times = [st.st_mtime for n in self.state.names("sent") if (st := self.state.lstat("sent", n))]
         return sorted(t for t in times if t >= since)[-limit:]
 
+    def interrupt(self) -> None:
+        pass  # nothing here runs long: each step is one system call
+
     def rescan(self) -> None:
         """Read the deferred index again at the next claim (an administrator changed it)."""
         self._deferred.stale()

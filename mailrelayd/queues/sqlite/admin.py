@@ -8,71 +8,73 @@ row in `mailrelayd_failed` (the emailid it had may be reused by a new message).
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 
 from mailrelayd.message import date_header
-from mailrelayd.queues import Entry
-from mailrelayd.queues.sqlite.schema import REQUEUE_VIEW
+from mailrelayd.queues import Entry, stored
+from mailrelayd.queues.sqlite import guard
+from mailrelayd.queues.sqlite.schema import REFUSED, REQUEUE_VIEW
 
 _WAITING = """
-SELECT e.emailid AS id, CAST(e.msg AS BLOB) AS data, q.attempts, q.first_seen, q.last_try, q.next_try,
-       q.last_error, q.recipients
+SELECT e.emailid AS id, q.attempts, q.first_seen, q.last_try, q.next_try, q.last_error, q.recipients
 FROM email e LEFT JOIN mailrelayd_queue q ON q.emailid = e.emailid
 """
 
 _FAILED = """
-SELECT id, emailid, CAST(msg AS BLOB) AS data, reason, attempts, first_seen, failed_at, last_error, recipients
-FROM mailrelayd_failed
+SELECT id, emailid, reason, attempts, first_seen, failed_at, last_error, recipients FROM mailrelayd_failed
 """
 
-
-def _database(conn: sqlite3.Connection):
-    """sqlite-utils over `conn`, imported only when an administrator asks (it is slow to import)."""
-    import sqlite_utils
-
-    try:
-        return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)  # type: ignore[call-arg]
-    except TypeError:  # a sqlite-utils without plugins (Debian 12's 3.30) has none to turn off
-        return sqlite_utils.Database(conn, recursive_triggers=False)
+Body = Callable[[str, int], tuple[bytes, int]]  # body(table, rowid): (bytes, whole size), as much as may be read
 
 
-def entries(conn: sqlite3.Connection, path: Path, states: Collection[str], now: float,
+def entries(conn: sqlite3.Connection, path: Path, states: Collection[str], now: float, body: Body,
             only: str | None = None) -> list[Entry]:
-    """The messages in `states`, oldest first; with `only`, just the one of that id."""
-    db, found, states = _database(conn), [], set(states)
-    if states & {"new", "deferred"} and not (only and only[:1] in "Ff"):
+    """The messages in `states` (new, deferred, failed, refused), oldest first; with `only`,
+    just the one of that id. Every value read back is checked before it is shown; bodies
+    are read through `body`, never past max_size."""
+    db, found, states = guard.database(conn), [], set(states)
+    failed_id = only is not None and only[:1] in "Ff"
+    if states & {"new", "deferred", "refused"} and not failed_id:
         where, params = ("WHERE e.emailid = ?", [only]) if only else ("", [])
         file_mtime = None
         for row in db.query(f"{_WAITING} {where} ORDER BY e.emailid", params):
-            state = "deferred" if row["next_try"] is not None and row["next_try"] > now else "new"
+            next_try = stored.number(row["next_try"])
+            state = ("refused" if next_try is not None and next_try >= REFUSED else
+                     "deferred" if next_try is not None and next_try > now else "new")
             if state not in states:
                 continue
-            data = row["data"] or b""
-            first_seen = row["first_seen"]
+            data, size = body("email", row["id"])
+            first_seen = stored.number(row["first_seen"])
             if first_seen is None:  # not seen by a relay yet: since its Date:, else the file's last change
                 if file_mtime is None:
                     file_mtime = path.stat().st_mtime
                 first_seen = date_header(data, now) or file_mtime
-            found.append(Entry(str(row["id"]), state, data, len(data), recipients=_recipients(row["recipients"]),
-                               attempts=row["attempts"] or 0, first_seen=first_seen, last_try=row["last_try"],
-                               next_try=row["next_try"], last_error=row["last_error"]))
-    if "failed" in states and not (only and only[:1] not in "Ff"):
-        where, params = ("WHERE id = ?", [only[1:]]) if only else ("", [])
+            last_error = _text(row["last_error"])
+            found.append(Entry(str(row["id"]), state, data, size, recipients=_recipients(row["recipients"]),
+                               attempts=_count(row["attempts"]), first_seen=first_seen,
+                               last_try=stored.number(row["last_try"]),
+                               next_try=None if state == "refused" else next_try,
+                               last_error=None if state == "refused" else last_error,
+                               reason=last_error if state == "refused" else None,
+                               failed_at=stored.number(row["last_try"]) if state == "refused" else None))
+    if "failed" in states and (failed_id or not only):
+        where, params = ("WHERE id = ?", [only[1:]]) if only is not None else ("", [])
         for row in db.query(f"{_FAILED} {where} ORDER BY id", params):
-            data = row["data"] or b""
-            found.append(Entry(f"F{row['id']}", "failed", data, len(data), recipients=_recipients(row["recipients"]),
-                               attempts=row["attempts"] or 0, first_seen=row["first_seen"],
-                               last_error=row["last_error"], reason=row["reason"], failed_at=row["failed_at"],
-                               origin=None if row["emailid"] is None else str(row["emailid"])))
+            data, size = body("mailrelayd_failed", row["id"])
+            emailid = row["emailid"]
+            found.append(Entry(f"F{row['id']}", "failed", data, size, recipients=_recipients(row["recipients"]),
+                               attempts=_count(row["attempts"]), first_seen=stored.number(row["first_seen"]),
+                               last_error=_text(row["last_error"]), reason=_text(row["reason"]) or "?",
+                               failed_at=stored.number(row["failed_at"]),
+                               origin=str(emailid) if isinstance(emailid, int) else None))
     return found
 
 
 def make_due(conn: sqlite3.Connection, ids: Sequence[str] | None, now: float) -> list[str]:
     """Deferred messages (these, or all) due now: one UPDATE."""
-    where, params = "next_try > ? AND owner IS NULL", [now]
+    where, params = f"next_try > ? AND next_try < {REFUSED} AND owner IS NULL", [now]
     if ids is not None:
         numbers = _numbers(ids)
         if not numbers:
@@ -121,11 +123,18 @@ def _numbers(ids: Iterable[str]) -> list[int]:
     return [int(i) for i in ids if i.isascii() and i.isdigit() and len(i) < 19]
 
 
-def _recipients(text: str | None) -> tuple[str, ...] | None:
-    if not text:
-        return None
+def _recipients(value) -> tuple[str, ...] | None:
     try:
-        value = json.loads(text)
+        return stored.address_list(value)
     except ValueError:
         return None
-    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else None
+
+
+def _count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _text(value) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None if value is None else str(value)

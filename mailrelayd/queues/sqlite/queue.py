@@ -10,72 +10,46 @@ is a single SQL statement in autocommit mode: SQLite takes the write lock and re
 it within one call, with no Python code (which may wait for the GIL while worker threads
 spawn processes) running in between. Outcomes that change several tables go through
 temporary views whose INSTEAD OF triggers do the work inside that one statement. Bodies
-are read outside any write transaction (WAL lets Fossil write meanwhile).
+are read outside any write transaction (WAL lets Fossil write meanwhile), through the
+incremental blob API: a body's size is known before a byte of it is read.
+
+The file belongs to a jail (see guard.py): it is checked before anything is written to
+it, every statement has a deadline (`sql_timeout`), and what is read back of our own
+tables is checked where it enters (queues/stored.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import sqlite3
 import time
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope, date_header
-from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats, owner_is_gone, owner_token
-from mailrelayd.queues.sqlite import admin
-from mailrelayd.queues.sqlite.schema import create_schema
+from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats, owner_is_gone, owner_token, stored
+from mailrelayd.queues.sqlite import admin, guard
+from mailrelayd.queues.sqlite import schema as sql
+from mailrelayd.throttle import Throttle
 
 BUSY_TIMEOUT = 5.0  # seconds any statement waits for another process's lock
-
-_CANDIDATES = """
-SELECT e.emailid FROM email e LEFT JOIN mailrelayd_queue q ON q.emailid = e.emailid
-WHERE q.emailid IS NULL OR (q.next_try <= :now AND (q.owner IS NULL OR q.lease_until <= :now))
-ORDER BY e.emailid LIMIT :limit
-"""
-
-_CLAIM = """
-INSERT INTO mailrelayd_queue(emailid, attempts, first_seen, next_try, owner, lease_until)
-SELECT emailid, 0, ?1, ?1, ?2, ?3 FROM email WHERE emailid IN ({ids})
-ON CONFLICT(emailid) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until
-WHERE mailrelayd_queue.next_try <= ?1
-  AND (mailrelayd_queue.owner IS NULL OR mailrelayd_queue.lease_until <= ?1)
-"""
-
-_CLAIMED = """
-SELECT q.emailid, q.attempts, q.first_seen, q.digest, q.recipients, CAST(e.msg AS BLOB)
-FROM mailrelayd_queue q JOIN email e ON e.emailid = q.emailid
-WHERE q.owner = ?1 AND q.emailid IN ({ids}) ORDER BY q.emailid
-"""
-
-_NEXT_DUE = """
-SELECT min(CASE WHEN q.owner IS NULL THEN q.next_try ELSE q.lease_until END)
-FROM mailrelayd_queue q JOIN email e ON e.emailid = q.emailid
-"""
-
-# One read-only statement (one snapshot, no write lock, no body). `count(*) FROM email`
-# reads all of Fossil's table (about 60 ms for 100,000 rows of 2 KB); the search for the
-# oldest row not seen yet reads the rows before it (those the relay has seen), at most as
-# much again; the rest reads our own small rows. A row of mailrelayd_queue whose message
-# another program deleted still counts (as deferred, and for the age) until maintain().
-_STATS = """
-SELECT (SELECT count(*) FROM email),
-       sum(next_try > :now), min(CASE WHEN next_try > :now THEN next_try END), min(first_seen),
-       (SELECT count(*) FROM mailrelayd_failed),
-       (SELECT count(*) FROM sentlog WHERE mtime >= :since),
-       (SELECT e.emailid FROM email e WHERE NOT EXISTS (SELECT 1 FROM mailrelayd_queue q WHERE q.emailid = e.emailid)
-        ORDER BY e.emailid LIMIT 1)
-FROM mailrelayd_queue
-"""
+HURRY = 0.5  # seconds a statement may still run once a stop was asked for
+PEEK = 64 * 1024  # bytes of a refused message kept readable for `show`
 
 
 class SqliteQueue:
     """The queue in one SQLite file. `lease` bounds how long a claim by a process on
-    another host (which cannot be checked for life) keeps others off a message."""
+    another host (which cannot be checked for life) keeps others off a message; a body
+    over `max_size` is refused unread; a statement running longer than `sql_timeout` is
+    aborted, and the queue is unavailable for a while."""
 
-    def __init__(self, path: Path, lease: float, sentlog_retention: float):
+    def __init__(self, path: Path, lease: float, sentlog_retention: float, *, max_size: int = 25 * 2**20,
+                 sql_timeout: float = 2.0, refused_retention: float = 30 * 86400):
         self.path = path
         self.name = str(path)
         self.watch_dir = path.parent
@@ -83,33 +57,50 @@ class SqliteQueue:
         self.lease = lease
         self.sent_record: str | None = "sent log entries"
         self.sentlog_retention = sentlog_retention
+        self.refused_retention = refused_retention
+        self.max_size = max_size
+        self.sql_timeout = sql_timeout
         self.owner = owner_token()
+        self.log = get_logger(queue=self.name)
         self._conn: sqlite3.Connection | None = None
         self._watched = {path.name, path.name + "-wal", path.name + "-journal"}
+        self._deadline = math.inf  # monotonic: the statement running now is aborted after this
+        self._limit = sql_timeout  # how long a statement may run: sql_timeout, or HURRY once stopping
+        self._gone: set[str] = set()  # claimers known dead (a pid that is gone stays gone)
+        self._repaired = Throttle(self.log, "queue_state_repaired",
+                                  note="mailrelayd's own record was not as it wrote it: the message starts afresh")
+        self._refused = Throttle(self.log, "message_refused")
 
     # -- opening -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the file (never create it), set WAL and create what is missing.
+        """Open the file (never create it), check it, set WAL and create what is missing.
 
-        Switching a file to WAL does not wait for a writer the way other statements do
-        (SQLite answers "database is locked" at once), so the set-up is retried on the same
-        connection every 10 ms, for up to BUSY_TIMEOUT, while another process, such as
-        Fossil mid-insert, holds the lock. Between tries no lock is held, so Fossil's own
-        commit, which retries every 10 ms, never waits on this one.
+        The file must be a regular file with one link, the very file SQLite opened, with
+        nothing in it but Fossil's, the Tcl script's and our own tables (guard.py); else
+        QueueError, and nothing is written to it. Switching a file to WAL does not wait for
+        a writer the way other statements do (SQLite answers "database is locked" at once),
+        so the set-up is retried on the same connection every 10 ms, for up to BUSY_TIMEOUT,
+        while another process, such as Fossil mid-insert, holds the lock. Between tries no
+        lock is held, so Fossil's own commit, which retries every 10 ms, never waits on this one.
         """
         if self._conn is not None:
             return
-        if not self.path.exists():
-            raise QueueError(f"{self.path}: no such file")
+        expected = guard.check_file(self.path)
+        resolved = os.path.realpath(self.path)
         deadline = time.monotonic() + BUSY_TIMEOUT
         conn = None
         try:
             conn = sqlite3.connect(self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None,
                                    timeout=BUSY_TIMEOUT)
+            guard.check_opened(conn, self.path, expected, resolved)
+            guard.harden(conn, self.max_size + PEEK, self._over)
+            with self._deadline_for(conn):
+                guard.check_schema(conn, self.path)
             while True:
                 try:
-                    self._set_up(conn)
+                    with self._deadline_for(conn):
+                        self._set_up(conn)
                     break
                 except sqlite3.OperationalError as e:
                     if "locked" not in str(e) or time.monotonic() >= deadline:
@@ -122,9 +113,9 @@ class SqliteQueue:
                 raise
             if "not a database" in str(e):
                 raise QueueError(f"{self.path}: not a SQLite database") from None
-            raise QueueError(f"{self.path}: {e}") from None
+            raise QueueError(f"{self.path}: {self._why(e)}") from None
         self._conn = conn
-        self._inode = self._path_inode()
+        self._inode = (expected.st_dev, expected.st_ino)
 
     def _set_up(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
@@ -132,12 +123,18 @@ class SqliteQueue:
         else:
             self.journal_mode = "wal"
         conn.execute("PRAGMA synchronous=NORMAL")
-        create_schema(conn, self.path)
+        sql.create_schema(conn, self.path)
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def interrupt(self) -> None:
+        """A stop was asked for: the statement running now, and any later one, may run only
+        HURRY seconds more (safe from another thread)."""
+        self._limit = HURRY
+        self._deadline = min(self._deadline, time.monotonic() + HURRY)
 
     def notice(self, kind: str, path: str) -> bool:
         return Path(path).name in self._watched
@@ -148,17 +145,20 @@ class SqliteQueue:
         if self._path_inode() != self._inode:  # the file was replaced: follow the path
             self.close()
             self.open()
+        self._repaired.flush()
+        self._refused.flush()
         with self._errors():
             self._take_back_from_gone()
             for _ in range(10):  # another relay may take our candidates first: look again
-                ids = [row[0] for row in self._db.execute(_CANDIDATES, {"now": now, "limit": limit}).fetchall()]
+                ids = [row[0] for row in self._db.execute(sql.CANDIDATES, {"now": now, "limit": limit}).fetchall()]
                 if not ids:
                     return []
-                marks = ",".join("?" * len(ids))  # numbered after ?1..?3
-                self._db.execute(_CLAIM.format(ids=marks), (now, self.owner, now + self.lease, *ids))
-                rows = self._db.execute(_CLAIMED.format(ids=marks), (self.owner, *ids)).fetchall()
-                if rows:
-                    return [self._message(*row) for row in rows]
+                claim = {"now": now, "owner": self.owner, "lease": now + self.lease, "ids": json.dumps(ids)}
+                self._db.execute(sql.CLAIM, claim)
+                rows = self._db.execute(sql.CLAIMED, claim).fetchall()
+                claimed = [msg for row in rows if (msg := self._message(now, *row)) is not None]
+                if claimed or rows:
+                    return claimed
         return []
 
     def add(self, data: bytes, now: float) -> str:
@@ -170,30 +170,53 @@ class SqliteQueue:
         """The counts, from read-only statements. A row the relay has not seen yet is as old
         as its Date: (read from the header of the oldest such row only), else the file's mtime."""
         with self._errors():
-            total, deferred, next_try, oldest, failed, sent, unseen = self._db.execute(
-                _STATS, {"now": now, "since": now - 86400}).fetchone()
+            total, deferred, next_try, oldest, failed, sent, unseen, refused = self._db.execute(
+                sql.STATS, {"now": now, "since": now - 86400}).fetchone()
             if unseen is not None:
-                row = self._db.execute("SELECT CAST(substr(msg, 1, 16384) AS BLOB) FROM email WHERE emailid = ?",
-                                       (unseen,)).fetchone()
-                since = date_header(row[0] or b"", now) if row else None
+                since = date_header(self._body(unseen, peek=16384)[0][:16384], now)
                 if since is None:
                     try:
                         since = self.path.stat().st_mtime
                     except OSError:
                         since = now
                 oldest = since if oldest is None else min(oldest, since)
-        deferred = deferred or 0
-        return QueueStats(queued=max(0, total - deferred), deferred=deferred, failed=failed, sent_24h=sent,
-                          oldest_queued_s=None if oldest is None else max(0.0, now - oldest), next_try=next_try)
+        deferred, refused = deferred or 0, refused or 0
+        return QueueStats(queued=max(0, total - deferred - refused), deferred=deferred, failed=failed, sent_24h=sent,
+                          oldest_queued_s=None if oldest is None else max(0.0, now - oldest), next_try=next_try,
+                          refused=refused)
 
-    def _message(self, emailid: int, attempts: int, first_seen: float, digest: bytes | None,
-                 recipients: str | None, data: bytes | None) -> QueuedMessage:
-        data = data or b""
-        if digest is not None and digest != _digest(data):
-            attempts, recipients = 0, None  # the emailid was reused after ours left the queue
-        envelope = ("", tuple(json.loads(recipients))) if recipients else None
-        return QueuedMessage(id=emailid, data=data, attempts=attempts, first_seen=first_seen, envelope=envelope,
-                             partial=envelope is not None)
+    def _message(self, now: float, emailid: int, attempts, first_seen, digest, recipients) -> QueuedMessage | None:
+        """The claimed row as a message, its record checked; None if it was refused unread."""
+        data, size = self._body(emailid)
+        if size > self.max_size:
+            reason = f"{size} bytes, over max_size ({self.max_size}); refused unread, kept in email"
+            self._db.execute(sql.REFUSE, {"refused": sql.REFUSED, "now": now, "reason": reason, "emailid": emailid})
+            self._refused(emailid=emailid, reason=reason)
+            return None
+        past, problem = stored.history(attempts, first_seen, recipients, now)
+        if problem is not None:
+            self._repaired(emailid=emailid, problem=problem)
+        elif digest is not None and digest != _digest(data):
+            past = stored.History(0, past.first_seen, None)  # the emailid was reused after ours left the queue
+        envelope = ("", past.recipients) if past.recipients else None
+        return QueuedMessage(id=emailid, data=data, attempts=past.attempts, first_seen=past.first_seen,
+                             envelope=envelope, partial=envelope is not None)
+
+    def _body(self, rowid: int, table: str = "email", peek: int = 0) -> tuple[bytes, int]:
+        """A body in `table` (read through the blob API), and its size: all of it if it is no
+        larger than max_size, else only its first `peek` bytes; b"" for NULL or a number."""
+        try:
+            blob = self._db.blobopen(table, "msg", rowid, readonly=True)
+        except sqlite3.Error:
+            return b"", 0
+        with blob:
+            size = len(blob)
+            return blob.read(size if size <= self.max_size else peek), size
+
+    def _peek(self, table: str, rowid: int) -> tuple[bytes, int]:
+        """What an administrator may see of a body: up to max_size, else its first PEEK bytes
+        (the header, for `show`)."""
+        return self._body(rowid, table, peek=PEEK)
 
     def mark_sent(self, sent: list[tuple[QueuedMessage, Envelope | None]], now: float) -> None:
         rows = [
@@ -232,29 +255,29 @@ class SqliteQueue:
 
     def next_due(self, now: float) -> float | None:
         with self._errors():
-            return self._db.execute(_NEXT_DUE).fetchall()[0][0]
+            return self._db.execute(sql.NEXT_DUE).fetchall()[0][0]
 
     def settles_at(self, now: float) -> float | None:
         return None  # a row is complete once Fossil's transaction commits
 
     def maintain(self, now: float) -> None:
-        """Prune old sentlog rows and state left behind by messages another program removed."""
+        """Prune old sentlog rows, refused rows past refused_retention, and state left
+        behind by messages another program removed."""
         with self._errors():
             self._db.execute("DELETE FROM sentlog WHERE mtime < ?", (int(now - self.sentlog_retention),))
-            self._db.execute(
-                "DELETE FROM mailrelayd_queue WHERE owner IS NULL"
-                " AND emailid NOT IN (SELECT emailid FROM email)"
-            )
+            self._db.execute(sql.PRUNE_REFUSED, {"before": now - self.refused_retention}).fetchall()
+            self._db.execute(sql.FORGET_GONE)
 
     # -- administration (mailrelayd list, show, retry, purge) ------------------------
 
     def entries(self, states: Collection[str], now: float) -> list[Entry]:
         with self._errors():
-            return admin.entries(self._db, self.path, states, now)
+            return admin.entries(self._db, self.path, states, now, self._peek)
 
     def find(self, ident: str, now: float) -> Entry | None:
         with self._errors():
-            found = admin.entries(self._db, self.path, {"new", "deferred", "failed"}, now, only=ident)
+            found = admin.entries(self._db, self.path, {"new", "deferred", "failed", "refused"}, now, self._peek,
+                                  only=ident)
         return found[0] if found else None
 
     def make_due(self, ids: Sequence[str] | None, now: float) -> list[str]:
@@ -274,7 +297,10 @@ class SqliteQueue:
             return admin.purge_sent(self._db, before)
 
     def purge_refused(self, before: float) -> list[str]:
-        return []  # a row is never refused unread
+        with self._errors():
+            done = [str(r[0]) for r in self._db.execute(sql.PRUNE_REFUSED, {"before": before}).fetchall()]
+            self._db.execute(sql.FORGET_GONE)
+        return sorted(done, key=int)
 
     def rescan(self) -> None:
         pass  # nothing is kept in memory
@@ -295,19 +321,15 @@ class SqliteQueue:
         return (st.st_dev, st.st_ino)
 
     def _take_back_from_gone(self) -> None:
-        owners = [
-            owner
-            for (owner,) in self._db.execute(
-                "SELECT DISTINCT owner FROM mailrelayd_queue WHERE owner IS NOT NULL AND owner != ?", (self.owner,)
-            ).fetchall()
-            if owner_is_gone(owner)
-        ]
-        if owners:
-            self._db.execute(
-                "UPDATE mailrelayd_queue SET owner = NULL, lease_until = NULL"
-                f" WHERE owner IN ({','.join('?' * len(owners))})",
-                owners,
-            )
+        """Free the claims of processes on this host that are gone (and of claimers that are
+        not a claimer's name at all), among the oldest messages: the same cost with ten rows
+        or ten million."""
+        for (owner,) in self._db.execute(sql.CLAIMERS, {"owner": self.owner}).fetchall():
+            if not isinstance(owner, str) or owner in self._gone or owner_is_gone(owner):
+                self._db.execute("UPDATE mailrelayd_queue SET owner = NULL, lease_until = NULL WHERE owner = ?",
+                                 (owner,))
+                if isinstance(owner, str):
+                    self._gone.add(owner)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -317,10 +339,30 @@ class SqliteQueue:
 
     @contextmanager
     def _errors(self):
+        """A deadline for the statements run inside (sql_timeout), and QueueError for any error."""
+        try:
+            with self._deadline_for(self._db):
+                yield
+        except sqlite3.Error as e:
+            raise QueueError(f"{self.path}: {self._why(e)}") from None
+
+    @contextmanager
+    def _deadline_for(self, conn: sqlite3.Connection):
+        self._deadline = time.monotonic() + self._limit
         try:
             yield
-        except sqlite3.Error as e:
-            raise QueueError(f"{self.path}: {e}") from None
+        finally:
+            self._deadline = math.inf
+
+    def _over(self) -> bool:
+        """The progress handler's question: has the statement running now run too long?"""
+        return time.monotonic() > self._deadline
+
+    def _why(self, error: sqlite3.Error) -> str:
+        if "interrupted" in str(error):
+            return (f"a statement ran longer than sql_timeout ({self.sql_timeout:g} s) and was aborted; the file may"
+                    " hold something that makes it slow")
+        return str(error)
 
 
 def _json(recipients: tuple[str, ...] | None) -> str | None:
