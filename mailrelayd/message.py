@@ -99,7 +99,7 @@ def _envelope(fields: dict[str, list[str]], recipients: tuple[str, ...], size: i
         sender=safe_address(_first_address(fields.get("sender", [])) or from_address),
         recipients=recipients,
         from_address=_printable(from_address),
-        to_header=_printable(", ".join(_addresses(fields.get("to", [])))),
+        to_header=_printable(listed(_addresses(fields.get("to", [])))),
         subject=_decoded(fields.get("subject", [""])[0]),
         size=size,
         explicit=explicit,
@@ -127,6 +127,13 @@ def _fields(header: bytes) -> dict[str, list[str]]:
         if current is not None:
             current.append(value.strip())
     return fields
+
+
+def listed(addresses, shown: int = 3, sep: str = ", ") -> str:
+    """A few addresses and how many more: what a log line or a sentlog row names."""
+    addresses = list(addresses)
+    more = f" (+{len(addresses) - shown} more)" if len(addresses) > shown else ""
+    return sep.join(addresses[:shown]) + more
 
 
 def safe_address(address: str) -> str | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailrelayd.attempt import Attempt
+from mailrelayd.message import listed
 from mailrelayd.notice import failure_notice, is_notice
 from mailrelayd.outcome import PartlySent, PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.queues import Queue, QueueError
@@ -143,10 +144,10 @@ class Recorder:
             self.queue.defer(msg, summary, now + delay, now, recipients=tuple(r for r, _ in temporary))
             self._count("deferred", attempt)
             self.log.warning("message_deferred", outcome="partly sent", reason=summary, retry_in_s=round(delay),
-                             accepted=",".join(accepted), **_context(attempt))
+                             accepted=listed(accepted, sep=","), **_context(attempt))
         else:
             self._set_aside(attempt, summary, now, recipients=tuple(r for r, _ in (*temporary, *permanent)),
-                            outcome="partly sent", accepted=",".join(accepted))
+                            outcome="partly sent", accepted=listed(accepted, sep=","))
 
     def _set_aside(self, attempt: Attempt, reason: str, now: float, recipients: tuple[str, ...] | None = None,
                    outcome: str = "failed", **context) -> None:
@@ -181,7 +182,7 @@ def _context(attempt: Attempt) -> dict:
     envelope = attempt.envelope
     return dict(
         emailid=attempt.msg.id,
-        to=",".join(envelope.recipients) if envelope else None,
+        to=listed(envelope.recipients, sep=",") if envelope else None,
         subject=envelope.subject if envelope else None,
         size=len(attempt.msg.data),
         attempt=attempt.msg.attempts + 1,
