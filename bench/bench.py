@@ -92,12 +92,20 @@ def counts(path: Path) -> tuple[int, int]:
 
 # -- the sink and the baseline ------------------------------------------------------------
 
-def build_sink(tmp: Path) -> str:
+def build_c(tmp: Path, name: str) -> str | None:
+    """bench/NAME.c compiled into tmp; its path, or None without a C compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc:
-        out = tmp / "sink"
-        subprocess.run([cc, "-O2", "-o", str(out), str(Path(__file__).with_name("sink.c"))], check=True)
-        return str(out)
+    if not cc:
+        return None
+    out = tmp / name
+    subprocess.run([cc, "-O2", "-o", str(out), str(Path(__file__).with_name(f"{name}.c"))], check=True)
+    return str(out)
+
+
+def build_sink(tmp: Path) -> str:
+    sink = build_c(tmp, "sink")
+    if sink:
+        return sink
     print("no C compiler: using /bin/cat as the sink (no latency log)", file=sys.stderr)
     return "/bin/cat"
 
@@ -153,10 +161,12 @@ class Prober:
 
 # -- running mailrelayd ---------------------------------------------------------------------
 
-def relay_cmd(queue: list[str], sink: str, workers: int, drain: bool) -> list[str]:
-    return [sys.executable, "-m", "mailrelayd", *queue, "--command", f"{sink} -ti",
-            "--workers", str(workers), "--log-format", "json", "--poll-interval", "10s",
-            *(["--drain"] if drain else [])]
+def relay_cmd(queue: list[str], deliver: list[str], workers: int | None, drain: bool) -> list[str]:
+    """`python -m mailrelayd` on `queue`, delivering with `deliver` (["--command", CMD] or the
+    --smtp-* flags), with `workers` (None: the relay's default), JSON log on stderr."""
+    return [sys.executable, "-m", "mailrelayd", *queue, *deliver,
+            *(["--workers", str(workers)] if workers is not None else []), "--log-format", "json",
+            "--poll-interval", "10s", *(["--drain"] if drain else [])]
 
 
 def drain(queue: list[str], watch: AbstractContextManager, sink: str, workers: int, log: Path) -> dict:
@@ -164,7 +174,8 @@ def drain(queue: list[str], watch: AbstractContextManager, sink: str, workers: i
     hwm = [0]
     with watch, open(log, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(relay_cmd(queue, sink, workers, True), env=ENV, stderr=err, cwd=ROOT)
+        argv = relay_cmd(queue, ["--command", f"{sink} -ti"], workers, True)
+        proc = subprocess.Popen(argv, env=ENV, stderr=err, cwd=ROOT)
 
         def sample():
             while proc.returncode is None:
@@ -217,7 +228,8 @@ def latency(mode, sink: str, count: int, every: float) -> dict:
     env = {**ENV, "SINK_LOG": str(sinklog)}
     committed: dict[str, int] = {}
     with open(log, "wb") as err:
-        proc = subprocess.Popen(relay_cmd(queue, sink, 4, False), env=env, stderr=err, cwd=ROOT)
+        argv = relay_cmd(queue, ["--command", f"{sink} -ti"], 4, False)
+        proc = subprocess.Popen(argv, env=env, stderr=err, cwd=ROOT)
         deadline = time.monotonic() + 20
         while b"relay_started" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -241,7 +253,7 @@ def latency(mode, sink: str, count: int, every: float) -> dict:
             rc = "hung on SIGTERM"
     started = {}
     for line in sinklog.read_text().splitlines() if sinklog.exists() else []:
-        stamp, msgid = line.split(" ", 1)
+        stamp, _end, _status, msgid = line.split(" ", 3)
         started.setdefault(msgid, int(stamp.replace(".", "")))
     ms = sorted((started[k] - t) / 1e6 for k, t in committed.items() if k in started)
     pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))] if ms else float("nan")
