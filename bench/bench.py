@@ -7,6 +7,7 @@ Run by hand (not by CI), from the repository root:
     python bench/bench.py --messages 5000 --workers 4 --big 20000   # --big 0 skips the big backlog
     python bench/bench.py --spool [--quick] [--settle 2]   # the same against a spool directory
     python bench/bench.py --smtp [--messages 10000]       # SMTP to Postfix's smtp-sink: see bench/smtp.py
+    python bench/bench.py --real [SYSTEM...] [--quick]    # beside email-sender.tcl on real MTAs: bench/real.py
 
 The SQLite mode is described here; `--spool` runs the same measurements against Fossil's
 spool directory (email-send-method=dir) instead: see bench/spool.py.
@@ -332,7 +333,8 @@ class SqliteMode:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, help="messages in the throughput runs (5000; 10000 with --smtp)")
+    ap.add_argument("--messages", type=int, help="messages in the throughput runs (5000; 10000 with --smtp; "
+                    "per system with --real)")
     ap.add_argument("--workers", type=int, default=4, help="workers for the concurrent runs (4)")
     ap.add_argument("--big", type=int, help="big backlog for the memory run (100000, 20000 with --spool; 0 skips)")
     ap.add_argument("--latency-messages", type=int, default=200, help="messages in the latency run (200)")
@@ -341,11 +343,21 @@ def main() -> int:
     ap.add_argument("--spool", action="store_true", help="measure a spool directory instead of a SQLite file")
     ap.add_argument("--settle", type=float, default=2.0, help="with --spool: the relay's --settle, seconds (2)")
     ap.add_argument("--smtp", action="store_true", help="measure the SMTP transport against smtplib and msmtp")
+    ap.add_argument("--real", nargs="*", metavar="SYSTEM",
+                    help="mailrelayd beside email-sender.tcl and a serial consumer on real mail systems "
+                         "(sink slow postfix msmtp smtp tempfail; all if none named): see bench/real.py")
+    ap.add_argument("--fixed", help="with --real: the fixed --workers to measure (1,2,4,8,16,32)")
+    ap.add_argument("--tcl-script", metavar="PATH", action="append",
+                    help="with --real: Fossil's tools/email-sender.tcl (repeatable; see bench/tcl.py)")
     ap.add_argument("--probe", metavar="DB", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         probe_main(args.probe)
         return 0
+    if args.real is not None:
+        from real import main as real_main  # bench/real.py, beside this file
+
+        return real_main(args)
     if args.smtp:
         from smtp import main as smtp_main  # bench/smtp.py, beside this file
 
