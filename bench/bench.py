@@ -347,6 +347,7 @@ def main() -> int:
                     help="mailrelayd beside email-sender.tcl and a serial consumer on real mail systems "
                          "(sink slow postfix msmtp smtp tempfail; all if none named): see bench/real.py")
     ap.add_argument("--fixed", help="with --real: the fixed --workers to measure (1,2,4,8,16,32)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --real: rounds, the best of which is shown (1)")
     ap.add_argument("--tcl-script", metavar="PATH", action="append",
                     help="with --real: Fossil's tools/email-sender.tcl (repeatable; see bench/tcl.py)")
     ap.add_argument("--probe", metavar="DB", help=argparse.SUPPRESS)
