@@ -9,9 +9,10 @@ same 50 ms. WINDOW seconds later the relay gets SIGTERM.
 The sink logs each delivery's start and end (SINK_LOG), so the number of deliveries in
 flight at any instant is known without asking the relay. Reported: the mean in flight
 over each 0.5 s, from 2 s before the failures on; the level in the second before them;
-how long after the first failure the mean over a 0.5 s window first fell to half that
-level or lower (the issue's target: "within a few seconds"); and the failing attempts
-made during the window (how hard a failing mail system is hammered).
+how long after the first failure the number in flight fell to half that level or lower,
+judged on its mean over SPAN (1 s) so that a brief stall of a busy machine does not count
+(the issue's target: "within a few seconds"); and the failing attempts made during the
+window (how hard a failing mail system is hammered).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from bench import ENV, ROOT, message, relay_cmd
 
 MESSAGES, DELAY_MS, RAMP, WINDOW, BUCKET = 6000, 50, 2.5, 6.0, 0.5
+SPAN = 1.0  # seconds: the fall is judged on the mean over this long
 TARGET_FALL = 5.0  # seconds: "within a few seconds"
 
 
@@ -70,8 +72,8 @@ def measure(tmp: Path, sink: str, fresh_queue, messages: int = MESSAGES) -> dict
     before = in_flight(spans, failing_from - 1.0, failing_from)
     series = [in_flight(spans, failing_from + k * BUCKET, failing_from + (k + 1) * BUCKET)
               for k in range(int(-2.0 / BUCKET), int(WINDOW / BUCKET))]
-    fell = next((k * 0.1 for k in range(int((WINDOW - BUCKET) / 0.1) + 1)
-                 if in_flight(spans, failing_from + k * 0.1, failing_from + k * 0.1 + BUCKET) <= before / 2), None)
+    fell = next((k * 0.1 for k in range(int((WINDOW - SPAN) / 0.1) + 1)
+                 if in_flight(spans, failing_from + k * 0.1, failing_from + k * 0.1 + SPAN) <= before / 2), None)
     failed = sum(1 for start, _, status in spans if status == 75 and start < failing_from + WINDOW)
     return {"before": before, "series": series, "fell": fell, "failed": failed, "ended": ended,
             "sent": sum(1 for *_, status in spans if status == 0), "error": None}
@@ -87,7 +89,8 @@ def report(r: dict) -> list[str]:
     series = lambda part: " ".join(f"{x:.1f}" for x in part)
     lines.append(f"in flight, mean per {BUCKET:g} s, 2 s before | after the failures start: "
                  f"{series(r['series'][:cut])} | {series(r['series'][cut:])}")
-    fell = (f"fell to half ({r['before'] / 2:.1f}) or lower {r['fell']:.1f} s after the failures started"
+    fell = (f"fell to half ({r['before'] / 2:.1f}) or lower, over {SPAN:g} s, {r['fell']:.1f} s after the "
+            "failures started"
             if r["fell"] is not None else f"did not fall to half ({r['before'] / 2:.1f}) within {WINDOW:g} s")
     lines.append(f"in flight in the second before: {r['before']:.1f}; {fell}")
     window = r["ended"] if r["ended"] is not None else WINDOW
