@@ -45,7 +45,10 @@ def consume(db: str, command: list[str]) -> int:
         subject = header(r"\nSubject:[ ]*([^\r\n]+)", msg, "none")
         sender = header(r"\nFrom:[^\n]*<([^>]+)>", msg, "")
         argv = command + (["-f", sender] if sender else [])
-        status = subprocess.run(argv, input=msg.encode()).returncode
+        try:
+            status = subprocess.run(argv, input=msg.encode()).returncode
+        except OSError as e:
+            raise SystemExit(f"serial: cannot run {argv[0]}: {e.strerror or e}")
         if status != 0:
             conn.execute("ROLLBACK")
             raise SystemExit(f"serial: {argv[0]} exited {status} on email {emailid}; stopping, as the script does")
