@@ -44,6 +44,7 @@ from pathlib import Path
 import systems
 import tcl
 import tempfail
+
 from bench import ENV, ROOT, build_c, fresh_db, message, relay_cmd, steady_rate, verdict
 
 FIXED = (1, 2, 4, 8, 16, 32)
@@ -192,7 +193,9 @@ def cell(r: Run | None) -> str:
 def table(columns: list[tuple[systems.System, int, dict[str, Run]]], fixed: list[int],
           scripts: list[tcl.Script]) -> tuple[list[str], list[str]]:
     """The side-by-side table (a column per system) and the targets it misses."""
-    row = lambda label, values: f"{label:<30}" + "".join(f"{v:>13}" for v in values)
+    def row(label: str, values: list[str]) -> str:
+        return f"{label:<30}" + "".join(f"{v:>13}" for v in values)
+
     spawner = [("serial C spawner", "spawner")] if any("spawner" in r for _, _, r in columns) else []
     bests = [max((k for k in (f"w{w}" for w in fixed) if r[k].good), key=lambda k: r[k].rate, default=None)
              for _, _, r in columns]
@@ -202,19 +205,23 @@ def table(columns: list[tuple[systems.System, int, dict[str, Run]]], fixed: list
                        ("mailrelayd, defaults", "default"), *((f"mailrelayd --workers {w}", f"w{w}") for w in fixed)]:
         lines.append(row(label, [cell(r.get(key)) for _, _, r in columns]))
     lines.append(row("best fixed (workers)", [f"{r[b].rate:,.1f} ({b})" if b else "-"
-                                              for (_, _, r), b in zip(columns, bests)]))
+                                              for (_, _, r), b in zip(columns, bests, strict=True)]))
     misses = []
     for label, key, target in [("defaults / best fixed", "best", TARGET_BEST), ("defaults / serial", "serial", None),
                                *((f"defaults / tcl, {t.label.split(', ')[1]}", t.key, None) for t in scripts),
                                *(("defaults / C spawner", k, TARGET_SPAWNER) for _, k in spawner)]:
         values = []
-        for (s, _, r), b in zip(columns, bests):
+        for (s, _, r), b in zip(columns, bests, strict=True):
             x = ratio(r.get("default"), r.get(b if key == "best" else key))
             values.append("-" if x is None else f"{x:.2f}")
             if target and x is not None and x < target:
                 misses.append(f"{s.label}: {label} = {x:.2f} < {target:g}")
         lines.append(row(label, values))
     return lines, misses
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(args) -> int:
@@ -230,14 +237,13 @@ def main(args) -> int:
         if not all(w > 0 for w in args.fixed):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"bench: --fixed takes positive numbers separated by commas, not {args.fixed!r}")
+        raise SystemExit(f"bench: --fixed takes positive numbers separated by commas, not {args.fixed!r}") from None
     tmp = Path(tempfile.mkdtemp(prefix="mailrelayd-bench-real-"))
     started = time.monotonic()
     sink = build_c(tmp, "sink")
     scripts, found = tcl.find_scripts(args.tcl_script)
     why_not = tcl.check_tclsh() if scripts else None
     tools = {"tcl": [] if why_not else scripts, "spawn": build_c(tmp, "spawn")}
-    load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"mailrelayd bench --real: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
           f"SQLite {sqlite3.sqlite_version}, temp {tmp}\nload average before: {load()}", flush=True)
     print(*(f"{line}{'; skipped: ' + why_not if why_not else ''}" for line in found), sep="\n", flush=True)

@@ -46,9 +46,9 @@ def consume(db: str, command: list[str]) -> int:
         sender = header(r"\nFrom:[^\n]*<([^>]+)>", msg, "")
         argv = command + (["-f", sender] if sender else [])
         try:
-            status = subprocess.run(argv, input=msg.encode()).returncode
+            status = subprocess.run(argv, input=msg.encode(), check=False).returncode
         except OSError as e:
-            raise SystemExit(f"serial: cannot run {argv[0]}: {e.strerror or e}")
+            raise SystemExit(f"serial: cannot run {argv[0]}: {e.strerror or e}") from e
         if status != 0:
             conn.execute("ROLLBACK")
             raise SystemExit(f"serial: {argv[0]} exited {status} on email {emailid}; stopping, as the script does")

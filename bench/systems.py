@@ -23,10 +23,10 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from bench import ROOT, message
 
@@ -60,7 +60,7 @@ def _mta():
     try:
         import mta
     except ImportError as e:
-        raise Unavailable(f"{e.name} is missing (pip install -e '.[test]' into the venv running the bench)")
+        raise Unavailable(f"{e.name} is missing (pip install -e '.[test]' into the venv running the bench)") from e
     finally:
         sys.path.pop(0)
     return mta

@@ -76,7 +76,7 @@ def check_tclsh() -> str | None:
     if not tclsh:
         return "tclsh is not installed (apt-get install tcl)"
     probe = subprocess.run([tclsh], input="puts [package require sqlite3]\n", capture_output=True, text=True,
-                           timeout=30)
+                           timeout=30, check=False)
     if probe.returncode != 0 or not probe.stdout.strip():
         return "the Tcl SQLite binding is missing (apt-get install libsqlite3-tcl)"
     return None

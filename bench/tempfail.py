@@ -84,9 +84,12 @@ def report(r: dict) -> list[str]:
     lines = [f"\n== Temporary failures: {DELAY_MS} ms sink, exit 75 from {RAMP:g} s after the first delivery on, "
              f"mailrelayd --drain with its defaults, {MESSAGES:,} messages =="]
     if r["error"]:
-        return lines + [f"FAILED: {r['error']}"]
+        return [*lines, f"FAILED: {r['error']}"]
     cut = int(2.0 / BUCKET)
-    series = lambda part: " ".join(f"{x:.1f}" for x in part)
+
+    def series(part: list[float]) -> str:
+        return " ".join(f"{x:.1f}" for x in part)
+
     lines.append(f"in flight, mean per {BUCKET:g} s, 2 s before | after the failures start: "
                  f"{series(r['series'][:cut])} | {series(r['series'][cut:])}")
     fell = (f"fell to half ({r['before'] / 2:.1f}) or lower, over {SPAN:g} s, {r['fell']:.1f} s after the "
