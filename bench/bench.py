@@ -7,6 +7,7 @@ Run by hand (not by CI), from the repository root:
     python bench/bench.py --messages 5000 --workers 4 --big 20000   # --big 0 skips the big backlog
     python bench/bench.py --spool [--quick] [--settle 2]   # the same against a spool directory
     python bench/bench.py --smtp [--messages 10000]       # SMTP to Postfix's smtp-sink: see bench/smtp.py
+    python bench/bench.py --real [SYSTEM...] [--quick]    # beside email-sender.tcl on real MTAs: bench/real.py
 
 The SQLite mode is described here; `--spool` runs the same measurements against Fossil's
 spool directory (email-send-method=dir) instead: see bench/spool.py.
@@ -92,12 +93,20 @@ def counts(path: Path) -> tuple[int, int]:
 
 # -- the sink and the baseline ------------------------------------------------------------
 
-def build_sink(tmp: Path) -> str:
+def build_c(tmp: Path, name: str) -> str | None:
+    """bench/NAME.c compiled into tmp; its path, or None without a C compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc:
-        out = tmp / "sink"
-        subprocess.run([cc, "-O2", "-o", str(out), str(Path(__file__).with_name("sink.c"))], check=True)
-        return str(out)
+    if not cc:
+        return None
+    out = tmp / name
+    subprocess.run([cc, "-O2", "-o", str(out), str(Path(__file__).with_name(f"{name}.c"))], check=True)
+    return str(out)
+
+
+def build_sink(tmp: Path) -> str:
+    sink = build_c(tmp, "sink")
+    if sink:
+        return sink
     print("no C compiler: using /bin/cat as the sink (no latency log)", file=sys.stderr)
     return "/bin/cat"
 
@@ -153,10 +162,12 @@ class Prober:
 
 # -- running mailrelayd ---------------------------------------------------------------------
 
-def relay_cmd(queue: list[str], sink: str, workers: int, drain: bool) -> list[str]:
-    return [sys.executable, "-m", "mailrelayd", *queue, "--command", f"{sink} -ti",
-            "--workers", str(workers), "--log-format", "json", "--poll-interval", "10s",
-            *(["--drain"] if drain else [])]
+def relay_cmd(queue: list[str], deliver: list[str], workers: int | None, drain: bool) -> list[str]:
+    """`python -m mailrelayd` on `queue`, delivering with `deliver` (["--command", CMD] or the
+    --smtp-* flags), with `workers` (None: the relay's default), JSON log on stderr."""
+    return [sys.executable, "-m", "mailrelayd", *queue, *deliver,
+            *(["--workers", str(workers)] if workers is not None else []), "--log-format", "json",
+            "--poll-interval", "10s", *(["--drain"] if drain else [])]
 
 
 def drain(queue: list[str], watch: AbstractContextManager, sink: str, workers: int, log: Path) -> dict:
@@ -164,7 +175,8 @@ def drain(queue: list[str], watch: AbstractContextManager, sink: str, workers: i
     hwm = [0]
     with watch, open(log, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(relay_cmd(queue, sink, workers, True), env=ENV, stderr=err, cwd=ROOT)
+        argv = relay_cmd(queue, ["--command", f"{sink} -ti"], workers, True)
+        proc = subprocess.Popen(argv, env=ENV, stderr=err, cwd=ROOT)
 
         def sample():
             while proc.returncode is None:
@@ -217,7 +229,8 @@ def latency(mode, sink: str, count: int, every: float) -> dict:
     env = {**ENV, "SINK_LOG": str(sinklog)}
     committed: dict[str, int] = {}
     with open(log, "wb") as err:
-        proc = subprocess.Popen(relay_cmd(queue, sink, 4, False), env=env, stderr=err, cwd=ROOT)
+        argv = relay_cmd(queue, ["--command", f"{sink} -ti"], 4, False)
+        proc = subprocess.Popen(argv, env=env, stderr=err, cwd=ROOT)
         deadline = time.monotonic() + 20
         while b"relay_started" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -241,7 +254,7 @@ def latency(mode, sink: str, count: int, every: float) -> dict:
             rc = "hung on SIGTERM"
     started = {}
     for line in sinklog.read_text().splitlines() if sinklog.exists() else []:
-        stamp, msgid = line.split(" ", 1)
+        stamp, _end, _status, msgid = line.split(" ", 3)
         started.setdefault(msgid, int(stamp.replace(".", "")))
     ms = sorted((started[k] - t) / 1e6 for k, t in committed.items() if k in started)
     pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))] if ms else float("nan")
@@ -320,7 +333,8 @@ class SqliteMode:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, help="messages in the throughput runs (5000; 10000 with --smtp)")
+    ap.add_argument("--messages", type=int, help="messages in the throughput runs (5000; 10000 with --smtp; "
+                    "per system with --real)")
     ap.add_argument("--workers", type=int, default=4, help="workers for the concurrent runs (4)")
     ap.add_argument("--big", type=int, help="big backlog for the memory run (100000, 20000 with --spool; 0 skips)")
     ap.add_argument("--latency-messages", type=int, default=200, help="messages in the latency run (200)")
@@ -329,11 +343,22 @@ def main() -> int:
     ap.add_argument("--spool", action="store_true", help="measure a spool directory instead of a SQLite file")
     ap.add_argument("--settle", type=float, default=2.0, help="with --spool: the relay's --settle, seconds (2)")
     ap.add_argument("--smtp", action="store_true", help="measure the SMTP transport against smtplib and msmtp")
+    ap.add_argument("--real", nargs="*", metavar="SYSTEM",
+                    help="mailrelayd beside email-sender.tcl and a serial consumer on real mail systems "
+                         "(sink slow postfix msmtp smtp tempfail; all if none named): see bench/real.py")
+    ap.add_argument("--fixed", help="with --real: the fixed --workers to measure (1,2,4,8,16,32)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --real: rounds, the best of which is shown (1)")
+    ap.add_argument("--tcl-script", metavar="PATH", action="append",
+                    help="with --real: Fossil's tools/email-sender.tcl (repeatable; see bench/tcl.py)")
     ap.add_argument("--probe", metavar="DB", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         probe_main(args.probe)
         return 0
+    if args.real is not None:
+        from real import main as real_main  # bench/real.py, beside this file
+
+        return real_main(args)
     if args.smtp:
         from smtp import main as smtp_main  # bench/smtp.py, beside this file
 

@@ -1,8 +1,12 @@
-/* Trivial sendmail stand-in for bench/bench.py: read stdin to EOF, exit 0.
+/* Sendmail stand-in for bench/bench.py: read stdin to EOF, exit 0.
  *
- * If the environment variable SINK_LOG names a file, also append one line
- * "<CLOCK_REALTIME at start, seconds.nanoseconds> <Message-Id>\n" to it with a
- * single O_APPEND write, so that concurrent sinks never interleave lines.
+ * Set in the environment, all optional (without them it only reads and exits 0):
+ *   SINK_DELAY_MS  wait this many milliseconds after reading (a latency-bound mail system);
+ *   SINK_FAIL_FLAG if the file it names exists when the sink starts, exit 75 (EX_TEMPFAIL,
+ *                  "try again later") instead of 0, after the same wait;
+ *   SINK_LOG       append one line "<start> <end> <status> <Message-Id>\n" to this file,
+ *                  start and end being CLOCK_REALTIME as seconds.nanoseconds, with a single
+ *                  O_APPEND write, so that concurrent sinks never interleave lines.
  * Arguments (such as -ti or -f ADDR) are ignored.
  */
 #include <errno.h>
@@ -17,10 +21,13 @@ static char buf[1 << 16];
 
 int main(void)
 {
-    struct timespec start;
+    struct timespec start, end;
     clock_gettime(CLOCK_REALTIME, &start);
 
     const char *log = getenv("SINK_LOG");
+    const char *delay = getenv("SINK_DELAY_MS");
+    const char *flag = getenv("SINK_FAIL_FLAG");
+    int status = flag && access(flag, F_OK) == 0 ? 75 : 0;
     size_t len = 0;
     char scratch[8192];
     for (;;) {
@@ -33,9 +40,16 @@ int main(void)
             break;
         }
     }
+    if (delay) {
+        long ms = atol(delay);
+        struct timespec wait = {ms / 1000, (ms % 1000) * 1000000L};
+        while (nanosleep(&wait, &wait) != 0 && errno == EINTR)
+            ;
+    }
     if (!log)
-        return 0;
+        return status;
 
+    clock_gettime(CLOCK_REALTIME, &end);
     buf[len] = '\0';
     const char *id = "-";
     size_t idlen = 1;
@@ -48,11 +62,12 @@ int main(void)
         idlen = strcspn(p, "\r\n");
     }
     char line[512];
-    int n = snprintf(line, sizeof line, "%lld.%09ld %.*s\n", (long long)start.tv_sec, start.tv_nsec,
-                     (int)(idlen < 400 ? idlen : 400), id);
+    int n = snprintf(line, sizeof line, "%lld.%09ld %lld.%09ld %d %.*s\n", (long long)start.tv_sec,
+                     start.tv_nsec, (long long)end.tv_sec, end.tv_nsec, status, (int)(idlen < 400 ? idlen : 400),
+                     id);
     int fd = open(log, O_WRONLY | O_APPEND | O_CREAT, 0644);
     if (fd < 0 || write(fd, line, (size_t)n) != n)
         return 75;
     close(fd);
-    return 0;
+    return status;
 }

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import ENV, ROOT, counts, fresh_db, message, sent_stamps, steady_rate, verdict
+from bench import ENV, ROOT, counts, fresh_db, message, relay_cmd, sent_stamps, steady_rate, verdict
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "noreply@example.org"
@@ -104,8 +104,8 @@ def msmtp_pipe(tmp: Path, port: int, msgs: list[bytes]) -> float:
 def mailrelayd(tmp: Path, port: int, msgs: list[bytes], workers: int) -> dict:
     db, log = tmp / "smtp.db", tmp / "smtp.log"
     fresh_db(db, msgs)
-    cmd = [sys.executable, "-m", "mailrelayd", "--drain", "--db", str(db), "--smtp-server", "127.0.0.1",
-           "--smtp-port", str(port), "--use-tls", "none", "--workers", str(workers), "--log-format", "json"]
+    cmd = relay_cmd(["--db", str(db)], ["--smtp-server", "127.0.0.1", "--smtp-port", str(port), "--use-tls", "none"],
+                    workers, True)
     with open(log, "wb") as err:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=ENV, cwd=ROOT, stderr=err).returncode
