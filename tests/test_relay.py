@@ -190,3 +190,42 @@ def test_the_rate_window_carries_over_to_the_next_drain(sqlite_harness, make_rel
     clock.advance(60)
     report = make_relay(sqlite_harness, rate_limit=Rate(3, 3600.0)).drain()
     assert (report.sent, report.exit_status) == (0, 75) and sqlite_harness.queued() == 2
+
+
+def test_an_outcome_that_cannot_be_recorded_is_never_sent_again_by_the_relay(sqlite_harness, make_relay,
+                                                                             fake_sendmail):
+    """Sent, but the queue refuses to record it (another program holds the write lock): the drain exits 75, not 0, the message stays queued, and the next pass records it without sending it again."""
+    import sqlite3
+    import threading
+
+    from conftest import started_calls, wait_until
+
+    sqlite_harness.enqueue(fossil_message())
+    fake_sendmail.take_seconds(0.5)
+    relay = make_relay(sqlite_harness)
+    locked, done = threading.Event(), threading.Event()
+
+    def block():  # another program: takes the write lock while sendmail runs, keeps it until told
+        wait_until(lambda: started_calls(fake_sendmail), what="the delivery to start")
+        blocker = sqlite3.connect(sqlite_harness.path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # recording the outcome waits 5 s for this lock, twice, then gives up
+        locked.set()
+        done.wait(60)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    blocking = threading.Thread(target=block)
+    blocking.start()
+    try:
+        reports = [relay.drain()]
+    finally:
+        done.set()
+        blocking.join()
+    assert locked.is_set()
+    [report] = reports
+    assert (report.sent, report.unrecorded, report.exit_status) == (0, 1, 75)
+    assert sqlite_harness.queued() == 1 and len(fake_sendmail.calls()) == 1
+    fake_sendmail.take_seconds(0)
+    again = relay.drain()
+    assert (again.sent, again.exit_status) == (1, 0)
+    assert sqlite_harness.queued() == 0 and len(fake_sendmail.calls()) == 1

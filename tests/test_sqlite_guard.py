@@ -169,3 +169,13 @@ def test_interrupt_cuts_a_long_statement_short(sqlite_harness):
             queue._db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
                               ).fetchall()
     timer.join()
+
+
+def test_a_trigger_added_after_the_queue_was_opened_stops_its_claims(sqlite_harness):
+    """The schema is looked at again whenever it changes: a trigger the jail adds later refuses the next claim, before it can fire."""
+    sqlite_harness.enqueue(fossil_message())
+    queue = sqlite_harness.open_queue()
+    with sqlite3.connect(sqlite_harness.path) as conn:
+        conn.execute("CREATE TRIGGER later AFTER DELETE ON email BEGIN SELECT 1; END")
+    with pytest.raises(QueueError, match="trigger 'later'"):
+        queue.claim(NOW, 10)

@@ -116,6 +116,7 @@ class SqliteQueue:
             raise QueueError(f"{self.path}: {self._why(e)}") from None
         self._conn = conn
         self._inode = (expected.st_dev, expected.st_ino)
+        self._schema_version = conn.execute("PRAGMA schema_version").fetchone()[0]
 
     def _set_up(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
@@ -148,6 +149,7 @@ class SqliteQueue:
         self._repaired.flush()
         self._refused.flush()
         with self._errors():
+            self._recheck_schema()
             self._take_back_from_gone()
             for _ in range(10):  # another relay may take our candidates first: look again
                 ids = [row[0] for row in self._db.execute(sql.CANDIDATES, {"now": now, "limit": limit}).fetchall()]
@@ -319,6 +321,13 @@ class SqliteQueue:
         except OSError:
             return None
         return (st.st_dev, st.st_ino)
+
+    def _recheck_schema(self) -> None:
+        """The schema again, if anyone changed it since we looked (a trigger added later)."""
+        version = self._db.execute("PRAGMA schema_version").fetchone()[0]
+        if version != self._schema_version:
+            guard.check_schema(self._db, self.path)
+            self._schema_version = version
 
     def _take_back_from_gone(self) -> None:
         """Free the claims of processes on this host that are gone (and of claimers that are
