@@ -73,7 +73,7 @@ def test_status_json_schema(queue_harness, status_json):
     queue_harness.enqueue(fossil_message())
     report = status_json(queue_harness)
     assert set(report) == {"queue", "queued", "deferred", "failed", "refused", "sent_24h", "oldest_queued_s",
-                           "relay_pid", "next_try"}
+                           "relay_pid", "next_try", "rate_limit", "rate_used"}
     assert isinstance(report["queue"], str) and os.path.isabs(report["queue"])
     for key in ("queued", "deferred", "failed", "refused"):
         assert type(report[key]) is int
@@ -391,3 +391,17 @@ def test_retry_is_acted_on_by_a_running_daemon_at_once(queue_harness, admin, mak
     assert admin(queue_harness, "retry", "--all").returncode == 0
     wait_until(lambda: d.logged("message_sent"), timeout=10, what="the retried message to be sent")
     assert queue_harness.queued() == 0
+
+
+def test_status_shows_the_rate_limit_and_what_it_used(queue_harness, admin, relay_pass):
+    """status names the rate_limit in force and how many messages the queue's record says went in its last period."""
+    for i in range(3):
+        queue_harness.enqueue(fossil_message(to=f"u{i}@example.com"))
+    spool = queue_harness.kind == "spool"
+    relay_pass(0, **({"keep_sent": True} if spool else {}))
+    config = queue_harness.path.parent / "rate.toml"
+    config.write_text('rate_limit = "600/h"\n' + ("keep_sent = true\n" if spool else ""))
+    report = json.loads(admin(queue_harness, "status", "--json", "--config", str(config)).stdout)
+    assert (report["rate_limit"], report["rate_used"]) == ("600/h", 3)
+    table = admin(queue_harness, "status", "--config", str(config)).stdout
+    assert "rate_limit     600/h (3 sent in the last period)\n" in table

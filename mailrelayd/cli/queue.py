@@ -85,6 +85,8 @@ def main(command: str, argv: list[str]) -> int:
     queue = make_queue(config)
     try:
         queue.open()
+        if command == "status":
+            return status(queue, args, now, config)
         return _COMMANDS[command](queue, args, now)
     except QueueError as e:
         return fail(clean(str(e)), os.EX_NOINPUT)
@@ -95,8 +97,8 @@ def main(command: str, argv: list[str]) -> int:
 # -- status --------------------------------------------------------------------------------
 
 
-def status(queue: Queue, args, now: float) -> int:
-    report = _report(queue, now)
+def status(queue: Queue, args, now: float, config: Config) -> int:
+    report = _report(queue, now, config)
     if args.json:
         print(json.dumps(report))
     else:
@@ -112,7 +114,7 @@ def _status_all(queues: list[Config], args, now: float) -> int:
         queue = make_queue(config)
         try:
             queue.open()
-            reports.append(_report(queue, now))
+            reports.append(_report(queue, now, config))
         except QueueError as e:
             fail(clean(str(e)), os.EX_NOINPUT)
             unreadable = True
@@ -140,8 +142,12 @@ def _status_all(queues: list[Config], args, now: float) -> int:
     return os.EX_NOINPUT if unreadable else 0
 
 
-def _report(queue: Queue, now: float) -> dict:
+def _report(queue: Queue, now: float, config: Config) -> dict:
     stats = queue.stats(now)
+    rate = config.rate_limit
+    used = None
+    if rate is not None and queue.sent_record is not None:
+        used = len(queue.sent_times(now - rate.period, rate.count))
     return {
         "queue": os.path.abspath(queue.name),
         "queued": stats.queued,
@@ -152,6 +158,8 @@ def _report(queue: Queue, now: float) -> dict:
         "oldest_queued_s": None if stats.oldest_queued_s is None else round(stats.oldest_queued_s, 1),
         "relay_pid": holder_pid(queue.lock_path),
         "next_try": stats.next_try,
+        "rate_limit": None if rate is None else str(rate),
+        "rate_used": used,
     }
 
 
@@ -168,6 +176,10 @@ def _print_status(report: dict, now: float) -> None:
         ("oldest_queued", age(report["oldest_queued_s"])),
         ("relay_pid", "none" if report["relay_pid"] is None else str(report["relay_pid"])),
     ]
+    if "rate_limit" in report:
+        used = report["rate_used"]
+        rows.append(("rate_limit", "none" if report["rate_limit"] is None else report["rate_limit"]
+                     + ("" if used is None else f" ({used} sent in the last period)")))
     for key, value in rows:
         print(f"{key:<14} {value}")
 
@@ -317,4 +329,4 @@ def _duration(value: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-_COMMANDS = {"status": status, "list": list_, "show": show, "retry": retry, "purge": purge}
+_COMMANDS = {"list": list_, "show": show, "retry": retry, "purge": purge}
