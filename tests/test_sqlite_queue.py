@@ -138,3 +138,46 @@ def test_many_sent_messages_are_recorded_in_one_statement(tmp_path):
     with sqlite3.connect(harness.path) as conn:
         assert conn.execute("SELECT count(*) FROM email").fetchone()[0] == 0
         assert sorted(r[0] for r in conn.execute("SELECT xto FROM sentlog")) == [f"u{i}@example.com" for i in range(5)]
+
+
+def test_a_reused_emailid_is_sent_at_once_not_held_by_the_old_deferral(tmp_path):
+    """Fossil reuses an id once the table emptied: the new message is due at once, its old record dropped."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    harness.enqueue(fossil_message(subject="first"))
+    queue = harness.open_queue()
+    [msg] = queue.claim(NOW, 1)
+    queue.defer(msg, "busy", NOW + 3600, NOW)  # held for an hour
+    with sqlite3.connect(harness.path) as conn:
+        conn.execute("DELETE FROM email")  # as email-sender.tcl, or an administrator, would
+    assert harness.enqueue(fossil_message(subject="second")) == msg.id
+    [fresh] = queue.claim(NOW + 1, 1)
+    assert b"second" in fresh.data and (fresh.attempts, fresh.first_seen) == (0, NOW + 1)
+
+
+def test_the_record_of_a_message_removed_by_another_program_goes_at_once(tmp_path):
+    """A deferred message deleted by someone else leaves no record behind at the next claim (not at the hourly maintenance)."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    harness.enqueue(fossil_message())
+    queue = harness.open_queue()
+    [msg] = queue.claim(NOW, 1)
+    queue.defer(msg, "busy", NOW + 3600, NOW)
+    with sqlite3.connect(harness.path) as conn:
+        conn.execute("DELETE FROM email")
+    assert queue.claim(NOW + 1, 1) == []
+    assert harness.deferred() == []
+
+
+def test_a_drain_checks_every_deferred_record_against_its_message(tmp_path):
+    """A drain from cron, opening a file where ids were reused while it did not run, finds the new messages due."""
+    harness = SqliteHarness(tmp_path / "q.db")
+    for i in range(100):
+        harness.enqueue(fossil_message(subject=f"old {i}"))
+    queue = harness.open_queue()
+    for msg in queue.claim(NOW, 100):
+        queue.defer(msg, "busy", NOW + 3600, NOW)
+    queue.close()
+    with sqlite3.connect(harness.path) as conn:
+        conn.execute("DELETE FROM email")
+        for i in range(100):
+            conn.execute("INSERT INTO email(msg) VALUES (CAST(? AS TEXT))", (fossil_message(subject=f"new {i}"),))
+    assert len(harness.open_queue().claim(NOW + 1, 100)) == 100

@@ -117,6 +117,8 @@ class SqliteQueue:
         self._conn = conn
         self._inode = (expected.st_dev, expected.st_ino)
         self._schema_version = conn.execute("PRAGMA schema_version").fetchone()[0]
+        with self._errors():
+            self._forget_stale(everywhere=True)
 
     def _set_up(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
@@ -150,6 +152,7 @@ class SqliteQueue:
         self._refused.flush()
         with self._errors():
             self._recheck_schema()
+            self._forget_stale()
             self._take_back_from_gone()
             for _ in range(10):  # another relay may take our candidates first: look again
                 ids = [row[0] for row in self._db.execute(sql.CANDIDATES, {"now": now, "limit": limit}).fetchall()]
@@ -328,6 +331,19 @@ class SqliteQueue:
         if version != self._schema_version:
             guard.check_schema(self._db, self.path)
             self._schema_version = version
+
+    def _forget_stale(self, everywhere: bool = False) -> None:
+        """Drop our record of messages that are no longer there: another program removed
+        them (at once, not at the next hourly maintenance), or their id now names a new
+        message (Fossil reuses ids), whose record would hold it up. Ids are reused only at
+        the top of the range: the records there are checked at each claim, all at open."""
+        if self._db.execute(sql.ANY_GONE).fetchone()[0]:
+            self._db.execute(sql.FORGET_GONE)
+        top = 2**62 if everywhere else sql.TOP
+        for emailid, digest in self._db.execute(sql.DEFERRED_RECORDS, {"top": top}).fetchall():
+            data, size = self._body(emailid)
+            if size <= self.max_size and _digest(data) != digest:
+                self._db.execute("DELETE FROM mailrelayd_queue WHERE emailid = ? AND owner IS NULL", (emailid,))
 
     def _take_back_from_gone(self) -> None:
         """Free the claims of processes on this host that are gone (and of claimers that are
