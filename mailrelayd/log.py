@@ -2,12 +2,19 @@
 (re-opened by `reopen()` after logrotate) or to syslog.
 
 Events are short snake_case names with key-value context. Message bodies and secrets
-are never logged.
+are never logged. Values may be text from a queue, which is hostile: every line is one
+line whatever it holds. Key=value lines (console, syslog) show every control, separator
+and bidi character, and bytes that were not UTF-8, as visible escapes
+(mailrelayd.terminal.clean); JSON lines escape the controls themselves, and show bytes
+that were not UTF-8 as `\\xff` too. Logging never raises into its caller: a line a sink
+cannot write (disk full, syslog down) is counted, and the sink's next line is preceded
+by one `log_lines_dropped` event with the count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -15,9 +22,11 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import structlog
+
+from mailrelayd.terminal import clean, escape_undecodable
 
 SYSLOG_FACILITY_MAIL = 2
 SYSLOG_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
@@ -25,24 +34,63 @@ SYSLOG_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 
 _file_writer: _FileWriter | None = None
 _syslog_writer: _SyslogWriter | None = None
 
+Render = Callable[[Any, str, dict], str]
 
-class _FileWriter:
-    """Appends lines to a file that `reopen()` can swap for a new one at the same path."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = self._open()
+class _Writer:
+    """A destination of log lines: renders each event for itself, writes it, and counts the
+    lines it could not write (or render), to say how many before its next line."""
+
+    def __init__(self, render: Render):
+        self.render = render
+        self.dropped = 0
         self._lock = threading.RLock()  # reentrant: reopen() may run in a signal handler
 
-    def _open(self) -> TextIO:
-        return open(self.path, "a", buffering=1, encoding="utf-8")
-
-    def write(self, level: str, line: str) -> None:
+    def emit(self, level: str, event_dict: dict) -> None:
         with self._lock:
             try:
-                self._file.write(line + "\n")
-            except (OSError, ValueError):  # disk full, or closed: drop the line
-                pass
+                if self.dropped:
+                    notice = {"timestamp": event_dict.get("timestamp"), "level": "warning",
+                              "event": "log_lines_dropped", "count": self.dropped}
+                    self._write("warning", self.render(None, "warning", notice))
+                    self.dropped = 0
+                self._write(level, self.render(None, level, event_dict))
+            except (OSError, ValueError, TypeError):  # cannot write (or a value cannot be shown): count it
+                self.dropped += 1
+
+    def _write(self, level: str, line: str) -> None:
+        raise NotImplementedError
+
+
+class _StreamWriter(_Writer):
+    """Writes lines to a text stream (stderr), flushing each."""
+
+    def __init__(self, render: Render, stream: TextIO):
+        super().__init__(render)
+        self.stream = stream
+
+    def _write(self, level: str, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class _FileWriter(_Writer):
+    """Appends lines to a file that `reopen()` can swap for a new one at the same path.
+    Unbuffered: each line is one write(2), and one that fails leaves nothing behind to be
+    written later (or to fail again at close)."""
+
+    def __init__(self, render: Render, path: Path):
+        super().__init__(render)
+        self.path = path
+        self._file = self._open()
+
+    def _open(self) -> BinaryIO:
+        return open(self.path, "ab", buffering=0)
+
+    def _write(self, level: str, line: str) -> None:
+        data = f"{line}\n".encode()
+        while data:  # a regular file takes it all, but for a disk filling up in between
+            data = data[self._file.write(data):]
 
     def reopen(self) -> OSError | None:
         try:
@@ -63,14 +111,14 @@ class _FileWriter:
             self._file.close()
 
 
-class _SyslogWriter:
+class _SyslogWriter(_Writer):
     """Sends each line as "<PRI>mailrelayd[PID]: line" to a local syslog socket. A line
-    that cannot be sent is dropped; the next one connects again."""
+    that cannot be sent is counted; the next one connects again."""
 
-    def __init__(self, address: str):
+    def __init__(self, render: Render, address: str):
+        super().__init__(render)
         self.address = address
         self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
 
     def _connect(self) -> socket.socket:
         try:
@@ -88,19 +136,19 @@ class _SyslogWriter:
                 raise
         return sock
 
-    def write(self, level: str, line: str) -> None:
+    def _write(self, level: str, line: str) -> None:
         pri = SYSLOG_FACILITY_MAIL * 8 + SYSLOG_SEVERITY.get(level, 6)
         data = f"<{pri}>mailrelayd[{os.getpid()}]: {line}".encode()
-        with self._lock:
-            try:
-                if self._sock is None:
-                    self._sock = self._connect()
-                if self._sock.type == socket.SOCK_STREAM:
-                    self._sock.sendall(data + b"\0")
-                else:
-                    self._sock.send(data)
-            except OSError:
-                self._drop()
+        try:
+            if self._sock is None:
+                self._sock = self._connect()
+            if self._sock.type == socket.SOCK_STREAM:
+                self._sock.sendall(data + b"\0")
+            else:
+                self._sock.send(data)
+        except OSError:
+            self._drop()
+            raise
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -122,15 +170,15 @@ class _SyslogWriter:
 
 
 class _SinkLogger:
-    """A structlog logger that renders each event once per sink and hands the line, with
-    the level (the method name), to that sink's `write(level, line)`."""
+    """A structlog logger that hands each event, with the level (the method name), to every
+    writer, which renders it its own way."""
 
-    def __init__(self, sinks):
-        self._sinks = sinks
+    def __init__(self, writers: list[_Writer]):
+        self._writers = writers
 
     def _emit(self, level: str, event_dict: dict) -> None:
-        for render, writer in self._sinks:
-            writer.write(level, render(None, level, event_dict))
+        for writer in self._writers:
+            writer.emit(level, event_dict)
 
     def debug(self, event_dict: dict) -> None:
         self._emit("debug", event_dict)
@@ -158,15 +206,40 @@ def _to_sinks(logger, method_name, event_dict):
     return (event_dict,), {}
 
 
-def _renderer(log_format: str):
-    if log_format == "json":
-        return structlog.processors.JSONRenderer()
-    return structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"])
+def _shown(value: Any) -> Any:
+    """`value` with bytes that were not UTF-8 shown as escapes, in lists and dicts too."""
+    if isinstance(value, str):
+        return value if value.isprintable() else escape_undecodable(value)
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    return value
 
 
+def _render_json(logger, method_name, event_dict) -> str:
+    """One JSON object, all ASCII (JSON escapes every control and non-ASCII character);
+    bytes that were not UTF-8, which JSON cannot carry, shown as `\\xff`; other objects
+    by their repr."""
+    line = json.dumps(event_dict, default=repr)
+    if "\\ud" in line:  # a surrogate, escaped: perhaps a lone one (else a pair, or that text)
+        line = json.dumps(_shown(event_dict), default=repr)
+    return line
+
+
+def _key_value(render: Render) -> Render:
+    """`render`, with every control, separator and bidi character in the line escaped."""
+    def rendered(logger, method_name, event_dict) -> str:
+        line = render(logger, method_name, event_dict)
+        return line if line.isprintable() else clean(line)
+    return rendered
+
+
+_render_console = _key_value(structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"]))
 _logfmt_level_first = structlog.processors.LogfmtRenderer(key_order=["level"])
 
 
+@_key_value
 def _render_syslog(logger, method_name, event_dict) -> str:
     """`event level=... key=value ...`: syslog stamps the time itself."""
     rest = {k: v for k, v in event_dict.items() if k not in ("event", "timestamp")}
@@ -181,28 +254,20 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     lines are always key=value. Raises OSError if `log_file` cannot be opened."""
     global _file_writer, _syslog_writer
     old = (_file_writer, _syslog_writer)
-    file_writer = _FileWriter(log_file) if log_file is not None else None
-    syslog_writer = _SyslogWriter(syslog_address) if syslog_address is not None else None
-    processors: list = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
-    factory: Callable[..., Any]
-    if file_writer or syslog_writer:
-        sinks: list[tuple[Callable[..., str], _FileWriter | _SyslogWriter]] = []
-        if file_writer:
-            sinks.append((_renderer("json" if log_format == "auto" else log_format), file_writer))
-        if syslog_writer:
-            sinks.append((_render_syslog, syslog_writer))
-        processors.append(_to_sinks)
-        factory = lambda *args: _SinkLogger(sinks)  # noqa: E731
-    else:
-        stream = stream or sys.stderr
-        if log_format == "auto":
-            log_format = "console" if stream.isatty() else "json"
-        processors.append(_renderer(log_format))
-        factory = structlog.WriteLoggerFactory(file=stream)
+    if log_format == "auto":
+        log_format = "console" if log_file is None and syslog_address is None and \
+            (stream or sys.stderr).isatty() else "json"
+    render = _render_json if log_format == "json" else _render_console
+    file_writer = _FileWriter(render, log_file) if log_file is not None else None
+    syslog_writer = _SyslogWriter(_render_syslog, syslog_address) if syslog_address is not None else None
+    writers: list[_Writer] = [w for w in (file_writer, syslog_writer) if w is not None]
+    if not writers:
+        writers = [_StreamWriter(render, stream or sys.stderr)]
     structlog.configure(
-        processors=processors,
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    _to_sinks],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=factory,
+        logger_factory=lambda *args: _SinkLogger(writers),
         cache_logger_on_first_use=False,
     )
     _file_writer, _syslog_writer = file_writer, syslog_writer

@@ -3,7 +3,10 @@
 Anything read from a queue (header text, file names, stored errors) may hold escape
 sequences: ESC starts one (OSC 52 writes the clipboard), CR rewrites the line, and bidi
 overrides or line separators make a line read as another. `clean` shows each such
-character as a visible escape (`\\x1b`, `\\u2028`) instead.
+character as a visible escape (`\\x1b`, `\\u2028`) instead; the admin commands, the
+key=value logs and failure notices use it. Bytes that were not UTF-8 (lone surrogates,
+from surrogateescape) are shown as `\\xff`; `escape_undecodable` does only that, for
+output that escapes the rest itself (JSON).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 # C0 and DEL, C1, line and paragraph separators, bidi embeddings, overrides and isolates,
 # lone surrogates (bytes that were not UTF-8), and the BOM / zero-width no-break space.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+_UNDECODABLE = re.compile("[\ud800-\udfff]")
 
 
 def _escape(match: re.Match) -> str:
@@ -27,9 +31,17 @@ def _escape(match: re.Match) -> str:
 def clean(text: str, keep: str = "") -> str:
     """`text` with every control, separator and bidi character shown as an escape; the
     characters in `keep` (say "\\n\\t" for a header block) are left as they are."""
+    if text.isprintable():  # none of them is printable: the common case costs one scan
+        return text
     if keep:
         return "".join(c if c in keep else _UNSAFE.sub(_escape, c) for c in text)
     return _UNSAFE.sub(_escape, text)
+
+
+def escape_undecodable(text: str) -> str:
+    """`text` with its lone surrogates (bytes that were not UTF-8) shown as escapes, and
+    nothing else changed."""
+    return _UNDECODABLE.sub(_escape, text)
 
 
 def one_line(text: str | None, limit: int = 200) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
 from mailrelayd.queues.spool import SpoolQueue
 from mailrelayd.queues.sqlite import SqliteQueue
@@ -20,6 +22,19 @@ from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.transports.pipe import PipeTransport
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What text from a queue must never bring to an administrator's terminal or into a log line:
+# C0 and DEL, C1, line and paragraph separators, bidi controls, lone surrogates (bytes that
+# were not UTF-8, decoded with surrogateescape).
+TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+HOSTILE_CHARACTERS = "\x00\x07\t\n\r\x1b\x7f\x85\x9b\u2028\u2029\u202a\u202e\u2066\u2069\ufeff\udc80\udcff\ud800"
+
+
+def hostile_text(max_size: int = 60) -> st.SearchStrategy[str]:
+    """Any text, surrogates included, rich in the characters above."""
+    return st.text(st.one_of(st.characters(exclude_categories=()), st.sampled_from(HOSTILE_CHARACTERS)),
+                   max_size=max_size)
+
 
 FAKE_SENDMAIL = r"""#!/bin/sh
 # Fake sendmail for tests: records argv and stdin, then exits with CTL/status.
