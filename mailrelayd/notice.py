@@ -5,6 +5,9 @@ A failure notice is queued into the same queue as the message it is about, so it
 retried, logged and set aside like any other; it carries `X-Mailrelayd-Notice`, and a
 notice that fails is never the subject of another. It names the message, never quotes
 its body. Both are built with the email package (CRLF lines, UTF-8, RFC 2047 headers).
+What a notice quotes of the queue (names, subject, recipients, reason) is shown escaped
+(mailrelayd.terminal), so no text a jail wrote can make building it fail or reach the
+administrator's mail client as controls.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 
 from mailrelayd.message import Envelope, header_block
+from mailrelayd.terminal import clean, one_line
 
 NOTICE_HEADER = "X-Mailrelayd-Notice"
 
@@ -24,9 +28,11 @@ def is_notice(data: bytes) -> bool:
     return any(line.lower().startswith(marker) for line in header_block(data).splitlines())
 
 
-def _one_line(text: str | None, limit: int) -> str:
-    text = " ".join("".join(c if c.isprintable() else " " for c in str(text or "")).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _one_line(text: object, limit: int) -> str:
+    """Text from a queue on one line, cut to `limit` (escapes included): line breaks become
+    spaces, and every other control, separator or bidi character, or byte that was not
+    UTF-8, a visible escape."""
+    return one_line(clean(" ".join(str(text).split())), limit)
 
 
 def _message(sender: str, to: str, subject: str, now: float | None) -> EmailMessage:
@@ -42,7 +48,7 @@ def _message(sender: str, to: str, subject: str, now: float | None) -> EmailMess
 def failure_notice(to: str, queue: str, message_id: int | str, envelope: Envelope | None, reason: str,
                    now: float) -> bytes:
     """The notice to `to` about message `message_id` of `queue`, set aside for `reason`."""
-    subject = _one_line(envelope.subject if envelope else None, 100) or "(no subject)"
+    subject = _one_line(envelope.subject, 100) if envelope and envelope.subject.strip() else "(no subject)"
     recipients = ", ".join(envelope.recipients) if envelope and envelope.recipients else "(none found)"
     msg = _message(f"mailrelayd <{to}>", to, f"[mailrelayd] undeliverable: {subject}", now)
     msg["Auto-Submitted"] = "auto-generated"
@@ -50,7 +56,7 @@ def failure_notice(to: str, queue: str, message_id: int | str, envelope: Envelop
     msg.set_content(
         "mailrelayd could not deliver a message and has set it aside.\n\n"
         f"Queue:      {_one_line(queue, 500)}\n"
-        f"Message:    {_one_line(str(message_id), 300)}\n"
+        f"Message:    {_one_line(message_id, 300)}\n"
         f"Recipients: {_one_line(recipients, 500)}\n"
         f"Subject:    {subject}\n"
         f"Reason:     {_one_line(reason, 1000)}\n\n"

@@ -354,3 +354,4 @@ def test_daemon_under_syslog_relays_on_past_names_and_recipients_that_are_not_ut
     assert any("emailid=to.email" in line and "not a plain address" in line for line in failed)
     notices = [data for data in fake_sendmail.bodies() if b"X-Mailrelayd-Notice" in data]
     assert len(notices) == 2 and not [data for data in notices if b"\x1b" in data]
+    assert [data.decode().count("Message:    bad\\xffname\\x1b[2J.email") for data in notices] in ([1, 0], [0, 1])
