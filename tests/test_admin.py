@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from conftest import ROOT, TERMINAL_UNSAFE, SqliteHarness, fossil_message, run_cli, wait_until
 
-from conftest import ROOT, fossil_message, run_cli, wait_until
 from mailrelayd import cli
 
 
@@ -405,3 +405,91 @@ def test_status_shows_the_rate_limit_and_what_it_used(queue_harness, admin, rela
     assert (report["rate_limit"], report["rate_used"]) == ("600/h", 3)
     table = admin(queue_harness, "status", "--config", str(config)).stdout
     assert "rate_limit     600/h (3 sent in the last period)\n" in table
+
+
+# -- text from a queue on the administrator's terminal ------------------------------------------
+
+HOSTILE_SUBJECT = "\x1b]52;c;aGk=\x07\rA\u2028\u202eB"  # OSC 52 writes the clipboard; CR; U+2028; a bidi override
+
+
+def hostile_message(to: str = "bob@example.com") -> bytes:
+    """A hostile Subject: with a folded line, and a From: with a byte that is not UTF-8 and an escape sequence."""
+    data = fossil_message(to=to, subject=HOSTILE_SUBJECT + "\r\n\tfolded", sender="no\u00ffreply\x1b[2J@example.org")
+    return data.replace("\u00ff".encode(), b"\xff")
+
+
+def assert_terminal_safe(result, keep_tabs: bool = False) -> None:
+    """No line the command printed holds a control, separator, bidi or undecodable character."""
+    for line in (result.stdout + result.stderr).split("\n"):
+        assert not TERMINAL_UNSAFE.search(line.replace("\t", "") if keep_tabs else line), repr(line)
+
+
+def drain(harness, fake_sendmail, status: int, say: str) -> None:
+    fake_sendmail.exit_with(status, say=say)
+    run_cli("--drain", *harness.cli_args, "--settle", "0", "--command", f"{fake_sendmail.path} -ti")
+
+
+def test_list_and_show_escape_text_from_the_queue(queue_harness, admin, fake_sendmail):
+    """list and show print a hostile header and error escaped; show keeps its newlines and tabs, never a CR or ESC."""
+    queue_harness.enqueue(hostile_message())
+    drain(queue_harness, fake_sendmail, 75, say="try \x1b[31mlater\r\u2028")
+    listed = admin(queue_harness, "list")
+    assert_terminal_safe(listed)
+    assert "try \\x1b[31mlater" in listed.stdout
+    shown = admin(queue_harness, "show", ids(listed)[0])
+    assert shown.returncode == 0
+    assert_terminal_safe(shown, keep_tabs=True)
+    assert "Subject: \\x1b]52;c;aGk=\\x07\\x0dA\\u2028\\u202eB\n\tfolded\n" in shown.stdout
+    assert 'From: "Fossil" <no\\xffreply\\x1b[2J@example.org>\n' in shown.stdout
+    assert "last_error:    " in shown.stdout and "try \\x1b[31mlater" in shown.stdout
+    assert_terminal_safe(admin(queue_harness, "list", "--deferred"))
+    assert_terminal_safe(admin(queue_harness, "status"))
+
+
+def test_list_and_show_escape_a_recipient_set_aside(queue_harness, admin, fake_sendmail):
+    """A message set aside for a To: with a byte that is not UTF-8 and ESC is listed and shown escaped."""
+    queue_harness.enqueue(hostile_message(to="b\u00ffob@example.com, \x1bx@example.com"))
+    drain(queue_harness, fake_sendmail, 0, say="")
+    listed = admin(queue_harness, "list", "--failed")
+    assert_terminal_safe(listed)
+    assert "not a plain address" in listed.stdout
+    shown = admin(queue_harness, "show", ids(listed)[0])
+    assert_terminal_safe(shown, keep_tabs=True)
+    assert "To: b\\xffob@example.com, \\x1bx@example.com\n" in shown.stdout
+
+
+def test_commands_escape_spool_names_that_are_not_utf8(spool_harness, admin, fake_sendmail):
+    """A spool name with a byte that is not UTF-8 and ESC is listed, shown, retried and purged escaped, errors too."""
+    with open(os.path.join(os.fsencode(spool_harness.path), b"bad\xff\x1b[2J.email"), "wb") as f:
+        f.write(fossil_message())
+    drain(spool_harness, fake_sendmail, 67, say="no \x1b[31mway")
+    name = "bad\udcff\x1b[2J.email"
+    listed = admin(spool_harness, "list", "--failed")
+    assert_terminal_safe(listed)
+    assert ids(listed) == ["bad\\xff\\x1b[2J.email"] and "no \\x1b[31mway" in listed.stdout
+    shown = admin(spool_harness, "show", name)
+    assert_terminal_safe(shown, keep_tabs=True)
+    assert "id:            bad\\xff\\x1b[2J.email" in shown.stdout
+    for command, shown_as in ((["show", name + "\x1b]0;x\x07"], "\\x1b]0;x\\x07"),
+                              (["retry", "--failed", name + "\r"], "\\x0d"),
+                              (["purge", "--failed", name + "\u202e"], "\\u202e")):
+        missing = admin(spool_harness, *command)
+        assert missing.returncode == 1 and f"bad\\xff\\x1b[2J.email{shown_as}" in missing.stderr
+        assert_terminal_safe(missing)
+    retried = admin(spool_harness, "retry", "--failed", name)
+    assert retried.returncode == 0 and retried.stdout.startswith("bad\\xff\\x1b[2J.email: back in the queue as ")
+    assert_terminal_safe(retried)
+    drain(spool_harness, fake_sendmail, 67, say="no")
+    purged = admin(spool_harness, "purge", "--failed")
+    assert purged.returncode == 0 and "bad\\xff\\x1b[2J.email" in purged.stdout
+    assert_terminal_safe(purged)
+
+
+def test_check_config_escapes_the_names_a_glob_matches(tmp_path, admin):
+    """check-config names the queues a glob matches now under visible escapes (a jail may name a directory)."""
+    SqliteHarness(tmp_path / "jail\x1b]0;owned\x07" / "emailqueue.db")
+    config = tmp_path / "mailrelayd.toml"
+    config.write_text(f'[[queue]]\ndb = "{tmp_path}/*/emailqueue.db"\ncommand = "/bin/true"\n')
+    result = admin(None, "check-config", "--config", str(config), queue_args=False)
+    assert_terminal_safe(result)
+    assert f"# matches now: {tmp_path}/jail\\x1b]0;owned\\x07/emailqueue.db" in result.stdout

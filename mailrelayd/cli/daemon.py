@@ -14,6 +14,7 @@ from mailrelayd.compose import configure_log, make_queue, make_relay, make_trans
 from mailrelayd.config import Config, ConfigError, expand
 from mailrelayd.log import get_logger
 from mailrelayd.relay import DrainReport
+from mailrelayd.terminal import clean
 
 EPILOG = (
     "`mailrelayd enqueue [sendmail options] RCPT...` (also installed as mailrelayd-sendmail) "
@@ -120,7 +121,7 @@ def _serve(args: argparse.Namespace, config: Config, log) -> int:
         service.claim_queues()
     except QueueHeld as e:
         log.error("queue_held", queue=str(e.path), pid=e.pid)
-        return fail(str(e), os.EX_TEMPFAIL)
+        return fail(clean(str(e)), os.EX_TEMPFAIL)  # a glob's match may be named by a jail
     pidfile = None
     if config.pidfile:
         pidfile = QueueLock(config.pidfile)

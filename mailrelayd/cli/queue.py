@@ -211,7 +211,8 @@ def show(queue: Queue, args, now: float) -> int:
     if e is None:
         return fail(f"no message {clean(args.id)} in {clean(queue.name)}", 1)
     sender, recipients = _envelope(e)
-    print(clean(header_block(e.data).decode("utf-8", "replace").replace("\r\n", "\n"), keep="\n\t"))
+    # the header's line breaks and tabs as they are; a lone CR, ESC or a byte that is not UTF-8 escaped
+    print(clean(header_block(e.data).decode("utf-8", "surrogateescape").replace("\r\n", "\n"), keep="\n\t"))
     print()
     history = [
         ("id", e.id), ("state", e.state), ("size", str(e.size)),

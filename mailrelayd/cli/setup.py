@@ -87,7 +87,7 @@ def check_config(config: Config) -> int:
             print(line)
         if is_glob(table.queue_path):
             matches = [q.queue_path for q in expand(replace(config, queues=(table,)))]
-            print(f"# matches now: {', '.join(map(str, matches)) or 'nothing (picked up when it appears)'}")
+            print(clean(f"# matches now: {', '.join(map(str, matches)) or 'nothing (picked up when it appears)'}"))
     for queue in expand(config):
         problems += [p for p in checks.transport_problems(queue) + checks.queue_problems(queue) if p not in problems]
     for problem in problems:
