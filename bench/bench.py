@@ -164,10 +164,11 @@ class Prober:
 
 def relay_cmd(queue: list[str], deliver: list[str], workers: int | None, drain: bool) -> list[str]:
     """`python -m mailrelayd` on `queue`, delivering with `deliver` (["--command", CMD] or the
-    --smtp-* flags), with `workers` (None: the relay's default), JSON log on stderr."""
+    --smtp-* flags), with `workers` (None: the relay's default), JSON log on stderr, and no
+    rate_limit (a bench measures speed, not the limit)."""
     return [sys.executable, "-m", "mailrelayd", *queue, *deliver,
             *(["--workers", str(workers)] if workers is not None else []), "--log-format", "json",
-            "--poll-interval", "10s", *(["--drain"] if drain else [])]
+            "--poll-interval", "10s", "--rate-limit", "none", *(["--drain"] if drain else [])]
 
 
 def drain(queue: list[str], watch: AbstractContextManager, sink: str, workers: int, log: Path) -> dict:
