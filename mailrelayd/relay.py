@@ -243,18 +243,17 @@ class Relay:
         if time.monotonic() < self._claim_after:
             return []
         allowed = self._rate.room(now, in_flight)
-        if allowed is not None and allowed < room:
-            if not self._status.limited:
+        if allowed is not None and allowed <= 0:  # the window is full: what is due waits
+            if not self._status.limited and not in_flight:
                 frees = self._rate.frees_at(now)
                 self.log.warning("rate_limited", rate_limit=str(self.rate_limit),
                                  frees_in_s=None if frees is None else round(frees - now),
                                  note="messages wait, untouched, until the window frees")
                 self._publish(limited=True)
-            room = allowed
-        elif self._status.limited:
-            self._publish(limited=False)
-        if room <= 0:
             return []
+        if self._status.limited:
+            self._publish(limited=False)
+        room = room if allowed is None else min(room, allowed)
         try:
             claimed = self.queue.claim(now, room)
         except QueueError as e:
