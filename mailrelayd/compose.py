@@ -37,8 +37,10 @@ def make_transport(config: Config) -> Transport:
     if not config.smtp.server:
         return PipeTransport(config.command, config.timeout, config.permanent_exit_codes)
     try:
+        # One connection per delivery in flight: the pool follows the relay's concurrency.
+        connections = config.max_workers if config.workers == "auto" else int(config.workers)
         return SmtpTransport(config.smtp, password=config.smtp.read_password(), message_timeout=config.timeout,
-                             max_connections=config.workers)
+                             max_connections=connections)
     except SmtpSettingsError as e:
         raise ConfigError(str(e)) from None
 
@@ -49,7 +51,8 @@ def make_relay(config: Config, supervision: Supervision = Supervision()) -> Rela
     queue = make_queue(config)
     transport = make_transport(config)
     retry = RetryPolicy(config.retry_delay, config.max_retry_delay, config.max_age)
-    return Relay(queue, transport, workers=config.workers, retry=retry, poll_interval=config.poll_interval,
+    return Relay(queue, transport, workers=config.workers, max_workers=config.max_workers, retry=retry,
+                 poll_interval=config.poll_interval,
                  envelope_from=config.envelope_from, notify_failed=config.notify_failed,
                  max_recipients=config.max_recipients, rate_limit=config.rate_limit, supervision=supervision)
 

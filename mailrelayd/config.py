@@ -45,7 +45,8 @@ class Config:
     command: tuple[str, ...] = ("/usr/sbin/sendmail", "-ti")
     maildir: Path | None = None
     smtp: SmtpSettings = field(default_factory=SmtpSettings)  # the smtp_* keys, use_tls and use_short_addr
-    workers: int = 4
+    workers: int | str = "auto"
+    max_workers: int = 32
     timeout: float = 60.0
     sql_timeout: float = 2.0
     poll_interval: float = 10.0
@@ -107,7 +108,10 @@ OPTIONS = [
            " (default: '/usr/sbin/sendmail -ti')"),
     Option("maildir", values.path, "DIR", "deliver into this local Maildir instead of running a command"),
     *SMTP_OPTIONS,
-    Option("workers", values.int_range(1, 256), "N", "deliveries run at once (default: 4)"),
+    Option("workers", values.workers, "N", "deliveries run at once: a number, or auto (the default) to find it as"
+           " it goes, up to max_workers"),
+    Option("max_workers", values.int_range(1, 256), "N", "most deliveries workers = auto lets run at once"
+           " (default: 32)"),
     Option("timeout", values.duration(1), "DURATION", "kill a delivery that takes longer (default: 60s)"),
     Option("sql_timeout", values.duration(0.1), "DURATION", "abort a statement on the SQLite queue that takes"
            " longer, and leave the queue for a while (default: 2s)"),

@@ -54,6 +54,8 @@ class Metrics:
                                ["queue", "state"], registry=registry)
         self._oldest = Gauge("mailrelayd_oldest_queued_seconds", "Age of the oldest queued message (0: none).",
                              ["queue"], registry=registry)
+        self._concurrency = Gauge("mailrelayd_concurrency", "Deliveries the queue's relay lets run at once now.",
+                                  ["queue"], registry=registry)
         self._stalled = Gauge("mailrelayd_queue_stalled", "1 while the queue's relay loop has stopped turning.",
                               ["queue"], registry=registry)
         self._server = self._thread = None
@@ -72,13 +74,17 @@ class Metrics:
             self._messages.labels(queue, state).set(getattr(stats, state))
         self._oldest.labels(queue).set(stats.oldest_queued_s or 0)
 
+    def concurrency(self, queue: str, limit: int) -> None:
+        self._concurrency.labels(queue).set(limit)
+
     def stalled(self, queue: str, stalled: bool) -> None:
         self._stalled.labels(queue).set(1 if stalled else 0)
 
     def forget(self, queue: str) -> None:
         """Drop every series of `queue` (no longer relayed)."""
         labelsets: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
-            (metric, (queue,)) for metric in (*self._outcomes.values(), self._seconds, self._oldest, self._stalled)]
+            (metric, (queue,)) for metric in (*self._outcomes.values(), self._seconds, self._oldest, self._stalled,
+                                                                   self._concurrency)]
         labelsets += [(self._messages, (queue, state)) for state in STATES]
         for metric, labels in labelsets:
             with contextlib.suppress(KeyError):  # older prometheus_client raise it if absent

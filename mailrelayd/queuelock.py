@@ -42,12 +42,13 @@ class QueueLock:
         self.rewrite_pid()
         return None
 
-    def rewrite_pid(self) -> None:
-        """Write the current pid again (after a fork: the lock is still held)."""
+    def rewrite_pid(self, note: str = "") -> None:
+        """Write the current pid again (after a fork: the lock is still held), and a line
+        `note` after it for `holder_note` (the daemon's concurrency)."""
         if self._fd is None:
             raise RuntimeError(f"{self.path}: lock not held")
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n{note}".encode(), 0)
 
     def fileno(self) -> int:
         """The held descriptor (to keep it open across a daemon's detaching)."""
@@ -82,9 +83,24 @@ def holder_pid(path: Path) -> int | None:
     return None
 
 
+def holder_note(path: Path) -> str | None:
+    """The note the process holding the lock at `path` wrote after its pid, or None if
+    nobody holds it."""
+    if holder_pid(path) is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.pread(fd, 256, 0).decode("ascii", "replace").partition("\n")[2].strip()
+    finally:
+        os.close(fd)
+
+
 def _read_pid(fd: int) -> int:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        text = os.pread(fd, 32, 0).decode("ascii").partition("\n")[0].strip()
     except (OSError, UnicodeDecodeError):
         return 0
     return int(text) if text.isdigit() else 0

@@ -20,8 +20,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from mailrelayd.attempt import Attempt, attempt
+from mailrelayd.concurrency import Concurrency, Gate
 from mailrelayd.limits import RateWindow
 from mailrelayd.log import get_logger
+from mailrelayd.outcome import PartlySent, TemporaryFailure
 from mailrelayd.queues import Queue, QueuedMessage, QueueError, QueueStats
 from mailrelayd.recorder import DrainReport, Recorder, RetryPolicy
 from mailrelayd.transports import Transport
@@ -50,6 +52,7 @@ class RelayStatus:
     stats: QueueStats | None = None
     problem: str | None = None  # why the queue is unavailable, while it is
     limited: bool = False  # at its rate_limit: messages wait
+    concurrency: int = 0  # deliveries it lets run at once now
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,13 @@ _WAKE, _SCAN = object(), object()
 
 
 class Relay:
-    def __init__(self, queue: Queue, transport: Transport, *, workers: int = 4, retry: RetryPolicy = RetryPolicy(),
+    def __init__(self, queue: Queue, transport: Transport, *, workers: int | str = 4, max_workers: int = 32,
+                 retry: RetryPolicy = RetryPolicy(),
                  poll_interval: float = 10.0, envelope_from: str = "header", clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, notify_failed: str | None = None, max_recipients: int = 100,
                  rate_limit: Rate | None = None, supervision: Supervision = Supervision()):
         self.queue = queue
         self.transport = transport
-        self.workers = workers
         self.poll_interval = poll_interval
         self.envelope_from = envelope_from
         self.clock = clock
@@ -83,6 +86,8 @@ class Relay:
         self.rate_limit = rate_limit
         self.supervision = supervision
         self.log = get_logger(queue=queue.name)
+        self.concurrency = Concurrency(workers, max_workers, log=self.log)
+        self._gate = Gate(self.concurrency.limit)
         self._recorder = Recorder(queue, self.log, retry=retry, clock=clock, rng=rng or random.Random(),
                                   notify_failed=notify_failed, observer=supervision.observer)
         self._events: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
@@ -135,12 +140,11 @@ class Relay:
         self._recorder.progress = progress
         started = time.monotonic()
 
-        def pace(busy: bool) -> float | None:
+        def pace(busy: bool) -> float | None:  # wake for completions, and for files still being written
+            settles = None if report.queue_error else self._settle_wait(started)
             if busy:
-                return math.inf
-            if report.queue_error:
-                return None
-            return self._settle_wait(started)
+                return math.inf if settles is None else settles
+            return settles
 
         self._relay(pace)
         if self._status.limited and self.queue.stats(self.clock()).queued:
@@ -161,7 +165,8 @@ class Relay:
         watch = watcher.watch(self.queue.watch_dir, self.queue.notice, self.wake)
         try:
             if self._open_when_ready(watch):
-                self.log.info("relay_started", workers=self.workers, file_events=watch.running)
+                self.log.info("relay_started", workers="auto" if self.concurrency.adaptive else self.concurrency.limit,
+                              file_events=watch.running)
                 self._publish(state="running", problem=None)
                 self._maintain()
                 self._seed_rate()
@@ -208,13 +213,13 @@ class Relay:
         """Claim, deliver and record until `pace(busy)` says the work is done (None) or
         `stop()` is called; `pace` also says how long to wait for the next event."""
         inflight: dict[Future, QueuedMessage] = {}
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="deliver") as pool:
+        with ThreadPoolExecutor(self.concurrency.max, thread_name_prefix="deliver") as pool:
             while not self._stopping:
                 self._publish()
-                if self._look and len(inflight) <= self.workers:
-                    for msg in self._claim(2 * self.workers - len(inflight), len(inflight)):
-                        future = pool.submit(attempt, msg, self.transport, envelope_from=self.envelope_from,
-                                             max_recipients=self.max_recipients)
+                limit = self.concurrency.limit
+                if self._look and len(inflight) <= limit:  # claimed: at most twice what may run at once
+                    for msg in self._claim(2 * limit - len(inflight), len(inflight)):
+                        future = pool.submit(self._attempt, msg)
                         inflight[future] = msg
                         future.add_done_callback(self._events.put)
                 wait = pace(bool(inflight))
@@ -227,6 +232,11 @@ class Relay:
             while inflight:
                 self._record(self._await(math.inf, inflight))
         self._recorder.record([], final=True)
+
+    def _attempt(self, msg: QueuedMessage) -> Attempt:
+        """One delivery, on a worker thread, once the gate lets it run."""
+        with self._gate:
+            return attempt(msg, self.transport, envelope_from=self.envelope_from, max_recipients=self.max_recipients)
 
     def _record(self, attempts: list[Attempt]) -> None:
         sent = self._recorder.report.sent
@@ -298,12 +308,16 @@ class Relay:
                 self._look = True
                 self._rescan_at = time.monotonic() + RESCAN_AFTER
             elif item in inflight:
+                saturated = len(inflight) >= self.concurrency.limit
                 msg = inflight.pop(item)
                 if item.cancelled():
                     self._release([msg])
                 else:
-                    finished.append(item.result())
+                    done = item.result()
+                    finished.append(done)
                     self._look = self._look or self._backlog
+                    self.concurrency.done(isinstance(done.outcome, TemporaryFailure | PartlySent), saturated)
+                    self._gate.set_limit(self.concurrency.limit)
             item = self._next_event(0)
         return finished
 
@@ -331,7 +345,7 @@ class Relay:
         before = self._status.state
         r = self._recorder.report
         self._status = replace(self._status, heartbeat=time.monotonic(), sent=r.sent, deferred=r.deferred,
-                               failed=r.failed, **changes)
+                               failed=r.failed, concurrency=self.concurrency.limit, **changes)
         if self._status.state != before and self.supervision.on_status is not None:
             self.supervision.on_status()
 
@@ -365,7 +379,7 @@ class _Chores:
             self.next_maintain = now + MAINTAIN_EVERY
         if not self.watch.running:
             self.watch.start()
-        waits = [relay.poll_interval if busy else self._idle(now), supervision.max_sleep or math.inf]
+        waits = [self._idle(now), supervision.max_sleep or math.inf]
         if relay._claim_after > mono:  # a queue error: look again once the backoff is over
             waits.append(relay._claim_after - mono)
         frees = relay._rate.frees_at(now)

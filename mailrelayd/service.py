@@ -55,6 +55,7 @@ class _Running:
     thread: threading.Thread = field(init=False)
     status: int | None = None  # Relay.run's exit status (or _CRASHED), once it has returned
     error: str = ""  # what it crashed with
+    noted: str = ""  # what its lock file says of it
     started: float = 0.0
 
 
@@ -180,6 +181,7 @@ class Service:
                 self._publish_status()
             deadlines.append(self._next_status)
         self._check_stalls(now)
+        self._note_concurrency()
         deadlines.append(now + MAX_SLEEP)
         interval = self.notifier.watchdog_interval
         if interval:
@@ -188,6 +190,15 @@ class Service:
                 self._next_ping = now + interval
             deadlines.append(self._next_ping)
         return max(0.0, min(deadlines) - now)
+
+    def _note_concurrency(self) -> None:
+        """Write each queue's concurrency into its lock file, beside the pid, when it changed
+        (`mailrelayd status` reads it there)."""
+        for path, running in self._running.items():
+            lock, note = self._locks.get(path), f"concurrency {running.relay.status().concurrency}\n"
+            if lock is not None and running.noted != note:
+                lock.rewrite_pid(note)
+                running.noted = note
 
     def _check_stalls(self, now: float) -> None:
         """Report a relay whose loop has stopped turning (queue_stalled), and its recovery."""
@@ -366,9 +377,10 @@ class Service:
         self.notifier.status(self._status_line())
         if self.metrics is not None:
             for running in self._running.values():
-                stats = running.relay.status().stats
-                if stats is not None:
-                    self.metrics.queue_stats(running.relay.queue.name, stats)
+                status = running.relay.status()
+                self.metrics.concurrency(running.relay.queue.name, status.concurrency)
+                if status.stats is not None:
+                    self.metrics.queue_stats(running.relay.queue.name, status.stats)
 
     def _status_line(self) -> str:
         totals = [r.relay.status() for r in self._running.values()]
@@ -383,4 +395,5 @@ class Service:
             line += (f": {sum(s.queued for s in stats)} queued, {sum(s.deferred for s in stats)} deferred,"
                      f" {sum(s.failed for s in stats)} failed")
         return line + (f"; since start {sum(t.sent for t in totals)} sent, {sum(t.deferred for t in totals)}"
-                       f" deferred, {sum(t.failed for t in totals)} set aside")
+                       f" deferred, {sum(t.failed for t in totals)} set aside;"
+                       f" concurrency {sum(t.concurrency for t in totals)}")

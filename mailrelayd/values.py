@@ -138,6 +138,16 @@ def rate(value: Any) -> Rate | None:
     return Rate(number, seconds)
 
 
+def workers(value: Any) -> int | str:
+    """A number of deliveries at once (1 to 256), or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int_range(1, 256)(value)
+    except ValueError:
+        raise ValueError("expected auto or a whole number from 1 to 256") from None
+
+
 def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value

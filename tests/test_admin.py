@@ -73,7 +73,7 @@ def test_status_json_schema(queue_harness, status_json):
     queue_harness.enqueue(fossil_message())
     report = status_json(queue_harness)
     assert set(report) == {"queue", "queued", "deferred", "failed", "refused", "sent_24h", "oldest_queued_s",
-                           "relay_pid", "next_try", "rate_limit", "rate_used"}
+                           "relay_pid", "next_try", "rate_limit", "rate_used", "concurrency"}
     assert isinstance(report["queue"], str) and os.path.isabs(report["queue"])
     for key in ("queued", "deferred", "failed", "refused"):
         assert type(report[key]) is int
@@ -493,3 +493,12 @@ def test_check_config_escapes_the_names_a_glob_matches(tmp_path, admin):
     result = admin(None, "check-config", "--config", str(config), queue_args=False)
     assert_terminal_safe(result)
     assert f"# matches now: {tmp_path}/jail\\x1b]0;owned\\x07/emailqueue.db" in result.stdout
+
+
+def test_status_shows_the_daemons_concurrency(queue_harness, admin, daemon):
+    """status shows how many deliveries the daemon relaying the queue lets run at once (its lock file says)."""
+    d = daemon(*queue_harness.cli_args, "--workers", "3")
+    wait_until(lambda: d.logged("relay_started"), what="the daemon to start")
+    wait_until(lambda: json.loads(admin(queue_harness, "status", "--json").stdout)["concurrency"] == 3,
+               what="the daemon's concurrency in status")
+    assert "concurrency    3\n" in admin(queue_harness, "status").stdout

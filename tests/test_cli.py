@@ -60,7 +60,7 @@ def test_bad_flag_value_exits_78_naming_the_key(tmp_path):
     result = run_cli("--drain", "--db", str(tmp_path / "q.db"), "--workers", "many")
     assert result.returncode == 78
     assert result.stderr.strip().splitlines() == [
-        "mailrelayd: bad value for --workers ('many'): expected a whole number from 1 to 256"
+        "mailrelayd: bad value for --workers ('many'): expected auto or a whole number from 1 to 256"
     ]
 
 

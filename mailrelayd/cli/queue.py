@@ -19,7 +19,7 @@ from mailrelayd.cli.options import QUEUE_KEYS, Parser, add_config_options, fail,
 from mailrelayd.compose import make_queue
 from mailrelayd.config import Config, expand, is_glob, parse_duration
 from mailrelayd.message import MalformedMessage, header_block, read_envelope
-from mailrelayd.queuelock import holder_pid
+from mailrelayd.queuelock import holder_note, holder_pid
 from mailrelayd.queues import Entry, Queue, QueueError
 from mailrelayd.terminal import age, clean, one_line, when
 
@@ -130,6 +130,7 @@ def _status_all(queues: list[Config], args, now: float) -> int:
         "next_try": min((r["next_try"] for r in reports if r["next_try"] is not None), default=None),
         # one process relaying every queue (as one daemon with [[queue]] tables does): its pid
         "relay_pid": pids.pop() if len(pids) == 1 else None,
+        "concurrency": sum(c) if (c := [r["concurrency"] for r in reports if r["concurrency"] is not None]) else None,
         "queues": reports,
     }
     if args.json:
@@ -160,7 +161,15 @@ def _report(queue: Queue, now: float, config: Config) -> dict:
         "next_try": stats.next_try,
         "rate_limit": None if rate is None else str(rate),
         "rate_used": used,
+        "concurrency": _concurrency(queue),
     }
+
+
+def _concurrency(queue: Queue) -> int | None:
+    """The deliveries the daemon relaying `queue` lets run at once now (from its lock file)."""
+    note = holder_note(queue.lock_path) or ""
+    word, _, number = note.partition(" ")
+    return int(number) if word == "concurrency" and number.isdigit() else None
 
 
 def _print_status(report: dict, now: float) -> None:
@@ -176,6 +185,8 @@ def _print_status(report: dict, now: float) -> None:
         ("oldest_queued", age(report["oldest_queued_s"])),
         ("relay_pid", "none" if report["relay_pid"] is None else str(report["relay_pid"])),
     ]
+    if report.get("concurrency") is not None:
+        rows.append(("concurrency", str(report["concurrency"])))
     if "rate_limit" in report:
         used = report["rate_used"]
         rows.append(("rate_limit", "none" if report["rate_limit"] is None else report["rate_limit"]

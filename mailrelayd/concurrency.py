@@ -1,0 +1,120 @@
+"""How many deliveries one queue runs at once: fixed (`workers = N`), or found as it goes
+(`workers = "auto"`, the default), as Postfix's per-destination concurrency feedback does.
+
+The adaptive limit starts at START and is judged window by window, each a few round trips
+long and only while the relay had work waiting (a limit that is not reached says nothing
+of what more would give). It doubles while the delivery rate does not fall (a slow mail
+system, one that waits on the network, gains the most), goes back one step when it falls,
+and then probes a quarter higher now and then, keeping the step only if the rate grows.
+Temporary failures (timeouts, 4xx, EX_TEMPFAIL) in a window halve it at once, and it
+stays low for a cool-down: a failing smarthost is not hammered. It never goes above
+`max_workers` or below 1.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+START = 4
+MIN_WINDOW = 0.05  # seconds: a window is at least this long...
+MIN_DONE = 4  # ...and holds at least this many deliveries (and at least the limit)
+FALL = 0.95  # a rate under this share of the last one has fallen
+GAIN = 1.05  # a probe is kept only if the rate grows past this share
+FAILING = 0.1  # temporary failures over this share of a window halve the limit
+COOL_DOWN = 5.0  # seconds without raising the limit after failures
+PROBE_EVERY = 5.0  # seconds between probes once settled
+
+
+class Concurrency:
+    """The limit on deliveries in flight; `done()` after each one, from the relay's thread."""
+
+    def __init__(self, workers: int | str, max_workers: int = 32, clock: Callable[[], float] = time.monotonic,
+                 log=None):
+        self.adaptive = workers == "auto"
+        self.max = max_workers if self.adaptive else int(workers)
+        self.limit = min(START, self.max) if self.adaptive else self.max
+        self.clock, self.log = clock, log
+        self._climbing = True
+        self._last: tuple[int, float] | None = None  # (limit, rate) of the last judged window
+        self._probe: tuple[int, float] | None = None  # (limit before, rate before) while probing
+        self._no_rise_until = 0.0
+        self._next_probe = 0.0
+        self._new_window(clock())
+
+    def done(self, temporary_failure: bool, saturated: bool) -> None:
+        """One delivery finished; `saturated`: the limit was reached when it did (work waited)."""
+        if not self.adaptive:
+            return
+        self._done += 1
+        self._failed += temporary_failure
+        self._saturated += saturated
+        now = self.clock()
+        if self._done >= max(MIN_DONE, self.limit) and now - self._started >= MIN_WINDOW:
+            self._judge(now)
+
+    def _judge(self, now: float) -> None:
+        rate = self._done / (now - self._started)
+        if self._failed > FAILING * self._done:
+            self._set(max(1, self.limit // 2), "temporary failures", now)
+            self._climbing, self._last, self._probe = False, None, None
+            self._no_rise_until = self._next_probe = now + COOL_DOWN
+        elif self._saturated * 2 < self._done or now < self._no_rise_until:
+            pass  # work did not wait, or cooling down: nothing to learn about more concurrency
+        elif self._probe is not None:  # keep a probe's step only if it paid
+            before, before_rate = self._probe
+            self._probe = None
+            if rate < before_rate * GAIN:
+                self._set(before, "a probe did not pay", now)
+            self._next_probe = now + PROBE_EVERY
+        elif self._climbing:
+            if self._last is not None and rate < self._last[1] * FALL:
+                self._climbing = False
+                self._set(self._last[0], "the rate fell", now)
+                self._next_probe = now + PROBE_EVERY
+            elif self.limit < self.max:
+                self._last = (self.limit, rate)
+                self._set(min(self.max, 2 * self.limit), "the rate held", now)
+            else:
+                self._climbing = False
+        elif now >= self._next_probe and self.limit < self.max:
+            self._probe = (self.limit, rate)
+            self._set(min(self.max, self.limit + max(1, self.limit // 4)), "probing", now)
+        self._new_window(now)
+
+    def _set(self, limit: int, why: str, now: float) -> None:
+        if limit != self.limit and self.log is not None:
+            level = self.log.info if "failures" in why else self.log.debug
+            level("concurrency_changed", concurrency=limit, was=self.limit, why=why)
+        self.limit = limit
+
+    def _new_window(self, now: float) -> None:
+        self._started, self._done, self._failed, self._saturated = now, 0, 0, 0
+
+
+class Gate:
+    """Lets at most `limit` deliveries run at once among the worker threads (more may be
+    claimed and waiting, so that a worker never waits for the relay's thread); the limit
+    may change at any time."""
+
+    def __init__(self, limit: int):
+        self._cond = threading.Condition()
+        self._limit, self._running = limit, 0
+
+    def set_limit(self, limit: int) -> None:
+        with self._cond:
+            self._limit = limit
+            self._cond.notify_all()
+
+    def __enter__(self) -> Gate:
+        with self._cond:
+            while self._running >= self._limit:
+                self._cond.wait()
+            self._running += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify()
