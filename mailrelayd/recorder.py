@@ -31,12 +31,14 @@ class DrainReport:
     queue_error: str | None = None
     unrecorded: int = 0  # outcomes the queue could not record: the messages stay queued
     rate_limited: bool = False  # due messages were left queued by the rate limit
+    refused: int = 0  # entries refused unread (a spool's corrupt/, rows over max_size)
 
     def add(self, other: DrainReport) -> None:
         """Count another pass in (a drain over several queues)."""
         self.sent, self.deferred, self.failed = self.sent + other.sent, self.deferred + other.deferred, \
             self.failed + other.failed
         self.unrecorded += other.unrecorded
+        self.refused += other.refused
         self.rate_limited = self.rate_limited or other.rate_limited
         self.queue_error = other.queue_error or self.queue_error
 
@@ -46,7 +48,7 @@ class DrainReport:
             return os.EX_NOINPUT
         if self.deferred or self.unrecorded or self.rate_limited:
             return os.EX_TEMPFAIL
-        return os.EX_DATAERR if self.failed else os.EX_OK
+        return os.EX_DATAERR if self.failed or self.refused else os.EX_OK
 
 
 @dataclass(frozen=True)

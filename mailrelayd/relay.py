@@ -138,7 +138,7 @@ class Relay:
         self._maintain()
         self._seed_rate()
         self._recorder.progress = progress
-        started = time.monotonic()
+        started, refused = time.monotonic(), self.queue.refused
 
         def pace(busy: bool) -> float | None:  # wake for completions, and for files still being written
             settles = None if report.queue_error else self._settle_wait(started)
@@ -147,6 +147,7 @@ class Relay:
             return settles
 
         self._relay(pace)
+        report.refused = self.queue.refused - refused
         if self._status.limited and self.queue.stats(self.clock()).queued:
             report.rate_limited = True
         return report

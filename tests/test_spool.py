@@ -169,7 +169,7 @@ def test_symlink_to_secret_is_set_aside_unread(spool, fake_sendmail, tmp_path):
 
     proc = drain(spool, fake_sendmail, "--settle", "0")
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.bodies() == [lf_message("legit")]
     assert not any(b"SECRET-HASH" in data for _, data in fake_sendmail.calls())
     reason = assert_refused(spool, "202611220341570000662273.email", "symbolic link")
@@ -191,7 +191,7 @@ def test_hard_link_to_outside_file_is_set_aside(spool, fake_sendmail, tmp_path):
 
     proc = drain(spool, fake_sendmail, "--settle", "0")
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.calls() == []
     assert_refused(spool, name, "hard link")
     assert outside.read_bytes() == outside_data
@@ -207,7 +207,7 @@ def test_fifo_is_set_aside_without_hanging(spool, fake_sendmail):
 
     proc = drain(spool, fake_sendmail, "--settle", "0", timeout=15)
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.calls() == []
     assert_refused(spool, name, "FIFO")
     assert stat.S_ISFIFO(os.lstat(spool.state / "corrupt" / name).st_mode)
@@ -222,7 +222,7 @@ def test_directory_is_set_aside_with_its_content(spool, fake_sendmail):
 
     proc = drain(spool, fake_sendmail, "--settle", "0")
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.calls() == []
     assert_refused(spool, name, "directory")
     assert (spool.state / "corrupt" / name / "inner.email").read_bytes() == lf_message("inside a directory")
@@ -238,7 +238,7 @@ def test_file_over_max_size_is_set_aside(spool, fake_sendmail):
 
     proc = drain(spool, fake_sendmail, "--settle", "0", "--max-size", "1K")
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.bodies() == [lf_message("small")]
     assert_refused(spool, big_name, str(len(big)), "max_size")
     assert (spool.state / "corrupt" / big_name).read_bytes() == big
@@ -251,7 +251,7 @@ def test_settled_empty_file_is_set_aside(spool, fake_sendmail):
 
     proc = drain(spool, fake_sendmail, "--settle", "1s")
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.calls() == []
     assert_refused(spool, name, "empty")
     assert (spool.state / "corrupt" / name).stat().st_size == 0
@@ -270,7 +270,7 @@ def test_file_of_another_owner_is_set_aside(spool, fake_sendmail):
 
     proc = drain(spool, fake_sendmail, "--settle", "0", "--spool-owner", "root")
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.bodies() == [lf_message("from root")]
     assert_refused(spool, foreign, f"uid {nobody}")
     assert (spool.state / "corrupt" / foreign).stat().st_uid == nobody
@@ -552,7 +552,7 @@ def test_malformed_envelope_preamble_is_set_aside(spool, fake_sendmail, preamble
 
     proc = drain(spool, fake_sendmail, "--settle", "0")
 
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 65, proc.stderr  # entries refused, none deferred
     assert fake_sendmail.calls() == []
     assert_refused(spool, name, "envelope")
     assert (spool.state / "corrupt" / name).read_bytes() == data
@@ -581,3 +581,13 @@ def test_two_drains_deliver_each_of_100_messages_once(spool, fake_sendmail):
     assert sorted(fake_sendmail.bodies()) == sorted(messages)
     assert len(call_dirs(fake_sendmail)) == 100
     assert entries(spool.path) == []
+
+
+def test_a_drain_that_only_refused_entries_exits_65_and_says_so(spool, fake_sendmail):
+    """Refused entries are not "all sent": a drain that refused some and deferred none exits 65, and drain_done counts them."""
+    (spool.path / "202611220341570000000001.email").write_bytes(b"")
+    plant_old(spool.path / "202611220341570000000001.email")
+    proc = drain(spool, fake_sendmail, "--settle", "0")
+    assert proc.returncode == 65, proc.stderr
+    [done] = [e for e in log_events(proc.stderr) if e["event"] == "drain_done"]
+    assert (done["refused"], done["sent"]) == (1, 0)

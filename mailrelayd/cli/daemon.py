@@ -103,7 +103,7 @@ def _drain(queues: list[Config], log, progress: bool) -> int:
     finally:
         if bar is not None:
             bar.close()
-    log.info("drain_done", sent=total.sent, deferred=total.deferred, failed=total.failed,
+    log.info("drain_done", sent=total.sent, deferred=total.deferred, failed=total.failed, refused=total.refused,
              exit_status=total.exit_status)
     return total.exit_status
 

@@ -109,6 +109,7 @@ class Queue(Protocol):
     watch_dir: Path
     lock_path: Path  # the single-relay lock file (computed, never created by the queue)
     sent_record: str | None  # what it keeps of sent mail ("sentlog rows", "sent messages"), or None
+    refused: int  # entries this queue object has refused unread so far
 
     def open(self) -> None: ...
 

@@ -63,6 +63,7 @@ class SpoolQueue:
         self.sent_record = "sent messages" if keep_sent else None
         self.sentlog_retention = sentlog_retention
         self.refused_retention = refused_retention
+        self.refused = 0
         self._closed: set[str] = set()  # names whose writer has closed them (watcher's thread)
         self._held: dict[str, _Held] = {}
         self._deferred = DeferredIndex(self.state)
@@ -365,6 +366,7 @@ class SpoolQueue:
             self._not_refused(emailid=name, reason=reason, error=e.strerror or str(e))
             return
         if target is not None:
+            self.refused += 1
             self._refused(emailid=name, reason=reason, moved_to=f"{self.state.root}/corrupt/{target}")
 
     def _forget_deferred(self, held: _Held) -> None:

@@ -58,6 +58,7 @@ class SqliteQueue:
         self.sent_record: str | None = "sent log entries"
         self.sentlog_retention = sentlog_retention
         self.refused_retention = refused_retention
+        self.refused = 0
         self.max_size = max_size
         self.sql_timeout = sql_timeout
         self.owner = owner_token()
@@ -196,6 +197,7 @@ class SqliteQueue:
         if size > self.max_size:
             reason = f"{size} bytes, over max_size ({self.max_size}); refused unread, kept in email"
             self._db.execute(sql.REFUSE, {"refused": sql.REFUSED, "now": now, "reason": reason, "emailid": emailid})
+            self.refused += 1
             self._refused(emailid=emailid, reason=reason)
             return None
         past, problem = stored.history(attempts, first_seen, recipients, now)
