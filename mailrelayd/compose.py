@@ -11,7 +11,8 @@ from mailrelayd.config import Config, ConfigError
 from mailrelayd.queues import Queue
 from mailrelayd.queues.spool import SpoolQueue
 from mailrelayd.queues.sqlite import SqliteQueue
-from mailrelayd.relay import Relay, RetryPolicy, Supervision
+from mailrelayd.relay import Relay, RetryPolicy
+from mailrelayd.supervision import Supervision
 from mailrelayd.transports import Transport
 from mailrelayd.transports.maildir import MaildirTransport
 from mailrelayd.transports.pipe import PipeTransport

@@ -17,15 +17,16 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from mailrelayd.attempt import Attempt, attempt
 from mailrelayd.concurrency import Concurrency, Gate
 from mailrelayd.limits import RateWindow
 from mailrelayd.log import get_logger
 from mailrelayd.outcome import PartlySent, TemporaryFailure
-from mailrelayd.queues import Queue, QueuedMessage, QueueError, QueueStats
+from mailrelayd.queues import Queue, QueuedMessage, QueueError
 from mailrelayd.recorder import DrainReport, Recorder, RetryPolicy
+from mailrelayd.supervision import RelayStatus, Supervision
 from mailrelayd.transports import Transport
 from mailrelayd.values import Rate
 from mailrelayd.watch import Watcher
@@ -37,35 +38,6 @@ MAINTAIN_EVERY = 3600.0
 RESCAN_AFTER = 0.05
 # A drain waits this long at most, in all, for files still being written to settle.
 DRAIN_SETTLE_WAIT = 60.0
-
-
-@dataclass(frozen=True)
-class RelayStatus:
-    """A relay as another thread may see it: `state` is starting, waiting (for its queue),
-    running or stopped; `heartbeat` the monotonic time of its loop's last turn."""
-
-    state: str = "starting"
-    heartbeat: float = field(default_factory=time.monotonic)
-    sent: int = 0
-    deferred: int = 0
-    failed: int = 0
-    stats: QueueStats | None = None
-    problem: str | None = None  # why the queue is unavailable, while it is
-    limited: bool = False  # at its rate_limit: messages wait
-    concurrency: int = 0  # deliveries it lets run at once now
-
-
-@dataclass(frozen=True)
-class Supervision:
-    """What a supervisor asks of a relay it runs: a turn at least every `max_sleep`
-    seconds, queue stats every `stats_every`, `observer(queue, outcome, seconds)` per
-    attempt (metrics), `on_status()` when the state changes, and its shared Watcher."""
-
-    max_sleep: float | None = None
-    stats_every: float | None = None
-    observer: Callable[[str, str, float], None] | None = None
-    on_status: Callable[[], None] | None = None
-    watcher: Watcher | None = None
 
 
 _WAKE, _SCAN = object(), object()

@@ -27,8 +27,9 @@ from mailrelayd import log as logmod
 from mailrelayd.config import Config, ConfigError, expand, is_glob
 from mailrelayd.log import get_logger
 from mailrelayd.queuelock import QueueLock
-from mailrelayd.relay import Relay, Supervision
+from mailrelayd.relay import Relay
 from mailrelayd.sdnotify import Notifier
+from mailrelayd.supervision import Supervision
 from mailrelayd.watch import Watcher
 
 STATUS_EVERY = 10.0  # STATUS= line and metrics gauges

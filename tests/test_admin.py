@@ -364,7 +364,7 @@ def test_list_refused_and_purge_refused(spool_harness, admin, fake_sendmail):
     """A spool entry refused unread is listed by list --refused with its reason, and purge --refused deletes it."""
     (spool_harness.path / "empty.email").write_bytes(b"")
     assert run_cli("--drain", *spool_harness.cli_args, "--settle", "0", "--command",
-                   f"{fake_sendmail.path} -ti").returncode == 0
+                   f"{fake_sendmail.path} -ti").returncode == 65  # refused, none deferred
     listed = admin(spool_harness, "list", "--refused").stdout.splitlines()
     assert len(listed) == 3 and listed[1].startswith("empty.email ") and "empty file" in listed[1]
     assert admin(spool_harness, "purge", "--refused").stdout == "deleted 1 refused entries: empty.email\n"
