@@ -31,6 +31,7 @@ from mailrelayd.terminal import clean, escape_undecodable
 SYSLOG_FACILITY_MAIL = 2
 SYSLOG_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
+_generation = 0  # bumped by each configure(): every Logger binds anew
 _file_writer: _FileWriter | None = None
 _syslog_writer: _SyslogWriter | None = None
 
@@ -252,7 +253,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     `syslog_address` (facility mail); with neither, to `stream` (stderr). `log_format`:
     auto, console (key=value) or json; auto means JSON, or console on a terminal. Syslog
     lines are always key=value. Raises OSError if `log_file` cannot be opened."""
-    global _file_writer, _syslog_writer
+    global _file_writer, _syslog_writer, _generation
     old = (_file_writer, _syslog_writer)
     if log_format == "auto":
         log_format = "console" if log_file is None and syslog_address is None and \
@@ -271,6 +272,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         cache_logger_on_first_use=False,
     )
     _file_writer, _syslog_writer = file_writer, syslog_writer
+    _generation += 1
     for writer in old:
         if writer is not None:
             writer.close()
@@ -289,5 +291,35 @@ def log_fds() -> list[int]:
     return [fd for writer in (_file_writer, _syslog_writer) if writer is not None for fd in writer.fds()]
 
 
-def get_logger(**context):
-    return structlog.get_logger().bind(**context)
+class Logger:
+    """A logger bound to `context` that follows the configuration in force: a reload that
+    changes the level, the format or the file applies to loggers made before it too."""
+
+    __slots__ = ("_bound", "_context", "_generation")
+
+    def __init__(self, context: dict):
+        self._context, self._bound, self._generation = context, None, -1
+
+    def _logger(self):
+        if self._generation != _generation:
+            self._bound, self._generation = structlog.get_logger().bind(**self._context), _generation
+        return self._bound
+
+    def debug(self, event: str, **kw) -> None:
+        self._logger().debug(event, **kw)
+
+    def info(self, event: str, **kw) -> None:
+        self._logger().info(event, **kw)
+
+    def warning(self, event: str, **kw) -> None:
+        self._logger().warning(event, **kw)
+
+    def error(self, event: str, **kw) -> None:
+        self._logger().error(event, **kw)
+
+    def critical(self, event: str, **kw) -> None:
+        self._logger().critical(event, **kw)
+
+
+def get_logger(**context) -> Logger:
+    return Logger(context)

@@ -360,12 +360,12 @@ class Service:
                 relay.transport.close()
             return
         self.notifier.reloading()
-        if (new.log_format, new.log_level) != (self.config.log_format, self.config.log_level):
-            self.configure_log(new)
         for key in ("log_file", "syslog", "metrics", "pidfile", "daemon"):
             if getattr(new, key) != getattr(self.config, key):
                 self.log.warning("setting_needs_restart", key=key, note="the running value stays until a restart")
                 new = replace(new, **{key: getattr(self.config, key)})
+        if (new.log_format, new.log_level) != (self.config.log_format, self.config.log_level):
+            self.configure_log(new)  # every logger follows, those of running relays too
         self._ended.clear()
         self.config = new
         self._sync(prebuilt)

@@ -203,6 +203,31 @@ def test_sighup_reopens_the_log_file(sqlite_harness, tmp_path):
         assert proc.wait(timeout=15) == 0
 
 
+@pytest.mark.parametrize("change", [{"log_level": "info"}, {"log_format": "console", "log_level": "info"}])
+def test_a_reload_changes_how_the_running_relays_log(sqlite_harness, tmp_path, change):
+    """After SIGHUP with a new log_level or log_format, the running queue's relay logs to the log file with them (it once went silent)."""
+    log = tmp_path / "mailrelayd.log"
+    base = f'db = "{sqlite_harness.path}"\nlog_file = "{log}"\ncommand = "/bin/true"\nlog_format = "json"\n'
+    config = write_config(tmp_path / "relay.toml", base + 'log_level = "warning"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--config", str(config), "--poll-interval", "1h"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        sqlite_harness.enqueue(fossil_message(subject="before"))
+        wait_until(lambda: sqlite_harness.queued() == 0, timeout=10, what="the first message to go")
+        assert "message_sent" not in log.read_text()  # warning and above only
+        lines = base.replace('log_format = "json"\n', "") + "".join(f'{k} = "{v}"\n' for k, v in change.items())
+        config.write_text(lines if "log_format" in change else lines + 'log_format = "json"\n')
+        proc.send_signal(signal.SIGHUP)
+        sqlite_harness.enqueue(fossil_message(subject="after"))
+        wait_until(lambda: "message_sent" in log.read_text(), timeout=10, what="the relay's line after the reload")
+        [line] = [line for line in log.read_text().splitlines() if "message_sent" in line]
+        assert line.startswith("{") == ("log_format" not in change), line
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+
+
 # -- many queues ----------------------------------------------------------------------------
 
 
