@@ -316,8 +316,9 @@ def test_daemon_detaches_writes_its_pidfile_and_stops_on_sigterm(sqlite_harness,
     started = run_cli("--daemon", *sqlite_harness.cli_args, "--pidfile", str(pidfile), "--log-file", str(log),
                       "--command", f"{fake_sendmail.path} -ti", timeout=30)
     assert started.returncode == 0, started.stderr
-    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=10, what="the pidfile"))
+    pid = 0
     try:
+        pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=30, what="the pidfile"))
         stat = _proc_stat(pid)
         assert int(stat[3]) != os.getsid(0), "still in the caller's session"  # field 6: session
         assert os.readlink(f"/proc/{pid}/cwd") == "/"
@@ -329,8 +330,10 @@ def test_daemon_detaches_writes_its_pidfile_and_stops_on_sigterm(sqlite_harness,
         wait_until(lambda: fake_sendmail.bodies() == [to_lf(data)], timeout=10, what="the delivery")
         second = run_cli("--daemon", *sqlite_harness.cli_args, "--pidfile", str(pidfile), "--command", "/bin/true")
         assert second.returncode == 75 and str(pid) in second.stderr
-    finally:
-        os.kill(pid, signal.SIGTERM)
+    finally:  # never leave a detached daemon behind, even when the pidfile came late
+        pid = pid or int(pidfile.read_text().strip() or 0) if pidfile.exists() else pid
+        if pid:
+            os.kill(pid, signal.SIGTERM)
     wait_until(lambda: _gone(pid), timeout=15, what="the daemon to exit")
     events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
     assert "relay_stopped" in events and pidfile.read_text() == ""
