@@ -21,9 +21,10 @@ class QueueLock:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self) -> int | None:
-        """Take the lock and write our pid: None. If another process holds it: its pid
-        (0 if unreadable, as while it is being written), and nothing is kept open.
+    def acquire(self, write_pid: bool = True) -> int | None:
+        """Take the lock and write our pid (or, with `write_pid` false, empty the file: a
+        process about to fork writes its child's later): None. If another process holds
+        it: its pid (0 if unreadable, as while it is being written), and nothing is kept open.
 
         Raises OSError when the file cannot be opened (a symlink: ELOOP; no permission)."""
         if self._fd is not None:
@@ -39,7 +40,10 @@ class QueueLock:
             os.close(fd)
             raise
         self._fd = fd
-        self.rewrite_pid()
+        if write_pid:
+            self.rewrite_pid()
+        else:
+            os.ftruncate(fd, 0)
         return None
 
     def rewrite_pid(self, note: str = "") -> None:

@@ -126,7 +126,7 @@ def _serve(args: argparse.Namespace, config: Config, log) -> int:
     if config.pidfile:
         pidfile = QueueLock(config.pidfile)
         try:
-            held_by = pidfile.acquire()
+            held_by = pidfile.acquire(write_pid=not config.daemon)  # --daemon: the detached child's pid, later
         except OSError as e:
             return fail(f"cannot write pidfile {config.pidfile}: {e.strerror or e}", os.EX_CANTCREAT)
         if held_by is not None:
