@@ -35,8 +35,30 @@ FILE_MODE = 0o640  # set with fchmod, whatever the umask: the relay may read as 
 TEMP_PREFIX = ".mailrelayd-tmp-"  # dot files are ignored by the relay
 
 _PROG = "mailrelayd-sendmail"
-_FLAGS = set("tivUG")  # -t, -i, -v, -U, -G: no argument
-_WITH_ARGUMENT = set("fFrbeoNBRVXLO")  # argument attached (-fADDR) or next (-f ADDR)
+# The options, declared once: (letter, argument or "", what it does). The parser and the
+# manual page (mailrelayd.cli.docs) both come from this table.
+OPTIONS = [
+    ("t", "", "read recipients from the To:, Cc: and Bcc: fields too, and drop Bcc: from the message"),
+    ("i", "", "a line holding a single dot does not end the message (always so: accepted for compatibility)"),
+    ("f", "ADDR", "envelope sender: a plain address, or '' or <> for the null sender"),
+    ("r", "ADDR", "the same as -f"),
+    ("F", "NAME", "full name of the sender: adds a From: field when the message has none"),
+    ("b", "MODE", "delivery mode: only -bm (the default) is accepted; any other mode is refused"),
+    ("o", "OPTION", "a sendmail option: accepted and ignored"),
+    ("e", "X", "error reporting mode: accepted and ignored"),
+    ("v", "", "verbose: accepted and ignored"),
+    ("U", "", "initial user submission: accepted and ignored"),
+    ("G", "", "gateway submission: accepted and ignored"),
+    ("N", "DSN", "delivery status notification: accepted and ignored"),
+    ("B", "TYPE", "body type: accepted and ignored"),
+    ("R", "RET", "what to return in a bounce: accepted and ignored"),
+    ("V", "ENVID", "envelope id: accepted and ignored"),
+    ("X", "LOGFILE", "traffic log: accepted and ignored"),
+    ("L", "LABEL", "syslog label: accepted and ignored"),
+    ("O", "OPTION=VALUE", "a long sendmail option: accepted and ignored"),
+]
+_FLAGS = {letter for letter, argument, _ in OPTIONS if not argument}
+_WITH_ARGUMENT = {letter for letter, argument, _ in OPTIONS if argument}  # attached (-fADDR) or next (-f ADDR)
 _RENAME_NOREPLACE = 1
 
 

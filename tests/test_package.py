@@ -6,7 +6,6 @@ The first tests read the packaging files. The others change the machine (a syste
 the last test purges and checks that nothing is left, and the fixture purges in any case,
 so a failure leaves the machine as it was. A machine where mailrelayd is already installed
 is refused, never purged.
-Man pages (issue 12, the lead's part): add a test rendering each with `man --warnings`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,9 @@ CREATED_PATHS = [Path("/etc/mailrelayd.toml"), Path("/etc/logrotate.d/mailrelayd
                  Path("/var/spool/mailrelayd.mailrelayd"), Path("/var/spool/mailrelayd.mailrelayd.lock"),
                  Path("/var/log/mailrelayd"), Path("/var/lib/mailrelayd"), Path("/usr/bin/mailrelayd"),
                  Path("/usr/bin/mailrelayd-sendmail"), Path("/lib/systemd/system/mailrelayd.service"),
-                 Path("/lib/systemd/system/mailrelayd@.service"), Path("/usr/share/doc/mailrelayd")]
+                 Path("/lib/systemd/system/mailrelayd@.service"), Path("/usr/share/doc/mailrelayd"),
+                 Path("/usr/share/man/man8/mailrelayd.8.gz"), Path("/usr/share/man/man5/mailrelayd.toml.5.gz"),
+                 Path("/usr/share/bash-completion/completions/mailrelayd")]
 
 
 def run(*command: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -248,6 +249,21 @@ def test_config_does_not_disturb_other_users(deb):
 def test_service_is_not_enabled(deb):
     """Installing does not enable the service: it has no queue until /etc/mailrelayd.toml names one."""
     assert run("systemctl", "is-enabled", "mailrelayd.service", check=False).stdout.strip() == "disabled"
+
+
+@pytest.mark.parametrize("page", ["mailrelayd", "mailrelayd-sendmail", "mailrelayd.toml"])
+def test_installed_manual_pages_render_without_a_warning(deb, page):
+    """Each installed manual page renders with man --warnings and no warning."""
+    result = subprocess.run(["man", "--warnings", page], capture_output=True, text=True,
+                            env={"MANWIDTH": "80", "LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stderr == "" and "NAME" in result.stdout
+
+
+def test_bash_completion_is_installed(deb):
+    """bash completes mailrelayd's commands from the installed completion file."""
+    script = ("source /usr/share/bash-completion/completions/mailrelayd; COMP_WORDS=(mailrelayd sta);"
+              " COMP_CWORD=1; _mailrelayd; echo ${COMPREPLY[@]}")
+    assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.split() == ["status"]
 
 
 def test_installed_units_verify(deb, tmp_path):
