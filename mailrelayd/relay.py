@@ -36,6 +36,9 @@ MAINTAIN_EVERY = 3600.0
 # (the event) and only then publishes the commit in the WAL index (no event). So every
 # wake-up is followed by a second scan this long after the last event.
 RESCAN_AFTER = 0.05
+# Deliveries that finish within this long of each other are recorded together: one
+# statement, one short write lock, for all of them.
+RECORD_EVERY = 0.005
 # A drain waits this long at most, in all, for files still being written to settle.
 DRAIN_SETTLE_WAIT = 60.0
 
@@ -69,6 +72,8 @@ class Relay:
         self._look = True  # claim at the next turn
         self._backlog = False  # the last claim took all it asked for: there is more
         self._rescan_at: float | None = None  # monotonic time of the scan that follows a wake-up
+        self._unsaid: list[Attempt] = []  # finished, to be recorded with the next batch
+        self._recorded_at = 0.0
         self._rate = RateWindow(None)  # seeded from the queue's record of sent mail once it is open
         self._claim_after = 0.0  # monotonic: after a queue error, no claim before this
         self._error_backoff = 0.0
@@ -191,19 +196,25 @@ class Relay:
                 self._publish()
                 limit = self.concurrency.limit
                 if self._look and len(inflight) <= limit:  # claimed: at most twice what may run at once
-                    for msg in self._claim(2 * limit - len(inflight), len(inflight)):
+                    # finished but not yet recorded counts against the rate limit as in flight
+                    for msg in self._claim(2 * limit - len(inflight), len(inflight) + len(self._unsaid)):
                         future = pool.submit(self._attempt, msg)
                         inflight[future] = msg
                         future.add_done_callback(self._events.put)
-                wait = pace(bool(inflight))
+                wait = pace(bool(inflight) or bool(self._unsaid))
                 if wait is None:
                     break
-                self._record(self._await(wait, inflight))
+                if self._unsaid:  # record what finished once RECORD_EVERY has passed
+                    wait = max(0.0, min(wait, self._recorded_at + RECORD_EVERY - time.monotonic()))
+                self._unsaid += self._await(wait, inflight)
+                if not inflight or time.monotonic() >= self._recorded_at + RECORD_EVERY:
+                    self._record()
             for future in list(inflight):  # stopping: what has not started goes back
                 if future.cancel():
                     self._release([inflight.pop(future)])
             while inflight:
-                self._record(self._await(math.inf, inflight))
+                self._unsaid += self._await(math.inf, inflight)
+        self._record()
         self._recorder.record([], final=True)
 
     def _attempt(self, msg: QueuedMessage) -> Attempt:
@@ -211,7 +222,9 @@ class Relay:
         with self._gate:
             return attempt(msg, self.transport, envelope_from=self.envelope_from, max_recipients=self.max_recipients)
 
-    def _record(self, attempts: list[Attempt]) -> None:
+    def _record(self) -> None:
+        """Record what finished since the last time (the sent ones in one statement)."""
+        attempts, self._unsaid, self._recorded_at = self._unsaid, [], time.monotonic()
         sent = self._recorder.report.sent
         self._recorder.record(attempts)
         self._rate.sent(self.clock(), self._recorder.report.sent - sent)
