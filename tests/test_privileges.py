@@ -187,14 +187,14 @@ def test_root_without_user_is_refused_and_touches_nothing(kind, mode, space, sen
 
 
 def test_allow_root_relays_as_root_with_a_warning(space, sendmail, relay_user):
-    """--allow-root, started as root: the relay logs running_as_root at start and its sendmail runs as root."""
+    """--allow-root, started as root: the relay logs running_as_root before relaying, and its sendmail runs as root."""
     harness = _harness("sqlite", space, relay_user)
     harness.enqueue(fossil_message())
     result = run_cli("--drain", *harness.cli_args, "--allow-root", "--log-format", "json",
                      "--command", f"{sendmail.path} -ti", add_allow_root=False)
     assert result.returncode == 0, result.stderr
-    events = [json.loads(line) for line in result.stderr.splitlines()]
-    assert events[0]["event"] == "running_as_root" and events[0]["level"] == "warning"
+    events = [(e["event"], e["level"]) for e in map(json.loads, result.stderr.splitlines())]
+    assert events.index(("running_as_root", "warning")) < events.index(("message_sent", "info"))
     [ids] = sendmail.ids()
     assert ids["Uid"] == ["0"] * 4
 

@@ -81,7 +81,6 @@ def main(argv: list[str]) -> int:
 def _relay(args: argparse.Namespace, config: Config, progress: bool, pidfile: QueueLock | None) -> int:
     """Check every queue's transport, then drain or serve, as the user that relays."""
     log = get_logger()
-    privileges.warn_if_root(log)
     queues = expand(config)
     try:  # every queue's transport must be buildable before anything starts
         for queue in queues:
@@ -95,6 +94,7 @@ def _relay(args: argparse.Namespace, config: Config, progress: bool, pidfile: Qu
         if not queue.maildir and not queue.smtp.server and not _runnable(queue.command[0]):
             log.error("command_not_runnable", command=queue.command[0],
                       note="messages stay queued and are retried until it can be run")
+    privileges.warn_if_root(log)
     if args.drain:
         return _drain(queues, log, progress)
     return _serve(args, config, log, pidfile)
