@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from mailrelayd.config import OPTIONS
-from conftest import ROOT, allow_root, SqliteHarness, fossil_message, run_cli
+from conftest import ROOT, SqliteHarness, allow_root, fossil_message, run_cli
 
 
 def drain(harness, fake_sendmail, *extra):

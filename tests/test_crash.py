@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailrelayd.message import to_lf
-from conftest import ROOT, allow_root, FakeSendmail, fossil_message, run_cli, wait_until
+from conftest import ROOT, FakeSendmail, allow_root, fossil_message, run_cli, wait_until
 
 ROUNDS, MESSAGES, WORKERS = 8, 40, 2
 # A relay holds at most 2 x workers claims (running, or finished but not yet recorded):

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, FakeSendmail, SpoolHarness, SqliteHarness, fossil_message, run_cli, wait_until
 
 from mailrelayd.message import to_lf
-from conftest import ROOT, FakeSendmail, SpoolHarness, SqliteHarness, fossil_message, run_cli, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching from root is only tried as root (CI is root)")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailrelayd.message import to_lf
-from conftest import ROOT, allow_root, SqliteHarness, SpoolHarness, fossil_message, run_cli, started_calls, wait_until
+from conftest import ROOT, SpoolHarness, SqliteHarness, allow_root, fossil_message, run_cli, started_calls, wait_until
 
 
 class NotifySocket:
@@ -209,7 +209,8 @@ def test_a_reload_changes_how_the_running_relays_log(sqlite_harness, tmp_path, c
     log = tmp_path / "mailrelayd.log"
     base = f'db = "{sqlite_harness.path}"\nlog_file = "{log}"\ncommand = "/bin/true"\nlog_format = "json"\n'
     config = write_config(tmp_path / "relay.toml", base + 'log_level = "warning"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--config", str(config), "--poll-interval", "1h"],
+    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", *allow_root(["--config", str(config), "--poll-interval",
+                                                                           "1h"])],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:

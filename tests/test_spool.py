@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, allow_root, SpoolHarness, fossil_message, run_cli, wait_until
+from conftest import ROOT, SpoolHarness, allow_root, fossil_message, run_cli, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
