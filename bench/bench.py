@@ -55,6 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+AS_ROOT = ["--allow-root"] if os.geteuid() == 0 else []  # run as root, the relay refuses without it
 TARGET_P99_MS, TARGET_LOCK_MS = 100.0, 20.0
 
 
@@ -166,7 +167,7 @@ def relay_cmd(queue: list[str], deliver: list[str], workers: int | None, drain: 
     """`python -m mailrelayd` on `queue`, delivering with `deliver` (["--command", CMD] or the
     --smtp-* flags), with `workers` (None: the relay's default), JSON log on stderr, and no
     rate_limit (a bench measures speed, not the limit)."""
-    return [sys.executable, "-m", "mailrelayd", *queue, *deliver,
+    return [sys.executable, "-m", "mailrelayd", *AS_ROOT, *queue, *deliver,
             *(["--workers", str(workers)] if workers is not None else []), "--log-format", "json",
             "--poll-interval", "10s", "--rate-limit", "none", *(["--drain"] if drain else [])]
 

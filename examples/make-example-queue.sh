@@ -4,6 +4,7 @@
 #
 #   cp examples/emailqueue.db /tmp/q.db
 #   mailrelayd --drain --db /tmp/q.db --maildir /tmp/mail     # then look in /tmp/mail/new
+#   (as root, add --allow-root: mailrelayd otherwise refuses to relay as root)
 #
 # Needs: fossil (2.21 as in Debian 12) and sqlite3. Usage: sh examples/make-example-queue.sh [OUT]
 set -eu

@@ -64,6 +64,8 @@ class Config:
     syslog: bool = False
     daemon: bool = False
     pidfile: Path | None = None
+    user: str | None = None  # a user's name (never root's), checked to exist
+    allow_root: bool = False
     allow_concurrent: bool = False
     metrics: str | None = None
     # From [[queue]] tables: one Config per queue (the top-level keys, then the table's).
@@ -137,6 +139,9 @@ OPTIONS = [
     Option("syslog", values.boolean, "", "log to syslog (/dev/log, facility mail)"),
     Option("daemon", values.boolean, "", "detach into the background (not under systemd)"),
     Option("pidfile", values.path, "FILE", "write the pid here, locked while running"),
+    Option("user", values.account, "USER", "started as root, switch to this user and its groups before opening"
+           " any queue (started as another user: must be that user)"),
+    Option("allow_root", values.boolean, "", "started as root without user, relay as root anyway (else refused)"),
     Option("allow_concurrent", values.boolean, "", "run even when another mailrelayd already relays a queue"),
     Option("metrics", values.listen, "HOST:PORT", "serve Prometheus metrics on this address (default: off)"),
 ]
@@ -145,8 +150,8 @@ parse_duration = values.duration(0)  # a duration given to a command (purge --ol
 _SMTP_KEYS = frozenset(o.key for o in SMTP_OPTIONS)
 assert set(_BY_KEY) == {f.name for f in fields(Config)} - {"queues", "smtp"} | _SMTP_KEYS
 # Settings of the whole process, which a [[queue]] table cannot set.
-PROCESS_KEYS = frozenset({"log_format", "log_level", "log_file", "syslog", "daemon", "pidfile",
-                          "allow_concurrent", "metrics"})
+PROCESS_KEYS = frozenset({"log_format", "log_level", "log_file", "syslog", "daemon", "pidfile", "user",
+                          "allow_root", "allow_concurrent", "metrics"})
 DELIVERY_WAYS = ("command", "maildir", "smtp_server")
 
 

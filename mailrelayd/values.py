@@ -169,6 +169,25 @@ def user(value: Any) -> int:
         raise ValueError("expected a user name or uid that exists on this host") from None
 
 
+def account(value: Any) -> str:
+    """A user to run as (a name or uid in the user database, never root): its name."""
+    import pwd
+
+    try:
+        if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit()):
+            entry = pwd.getpwuid(int(value))
+        elif isinstance(value, str) and value:
+            entry = pwd.getpwnam(value)
+        else:
+            raise KeyError(value)
+    except (KeyError, ValueError, OverflowError):
+        raise ValueError("expected a user name or uid that exists on this host") from None
+    if entry.pw_uid == 0:
+        raise ValueError("mailrelayd never switches to root; to relay as root, set allow_root = true"
+                         " (--allow-root) instead")
+    return entry.pw_name
+
+
 def host(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._:\[\]-]{1,253}", value) and not value.startswith("-"):
         return value

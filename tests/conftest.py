@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import site
 import sqlite3
 import stat
 import subprocess
@@ -42,6 +43,7 @@ ctl="@CTL@"
 d=$(mktemp -d "$ctl/calls/call.XXXXXXXX")
 printf '%s\n' "$@" > "$d/argv"
 cat > "$d/stdin"
+[ -e "$ctl/record-ids" ] && { grep -E '^(Uid|Gid|Groups):' /proc/$$/status; echo "Home: $HOME"; } > "$d/ids"
 if [ -s "$ctl/barrier" ]; then
     # Wait (at most 10 s) until this many deliveries run at once; else fail.
     n=$(cat "$ctl/barrier"); i=0
@@ -77,6 +79,20 @@ class FakeSendmail:
 
     def require_concurrency(self, n: int) -> None:
         (self.ctl / "barrier").write_text(str(n))
+
+    def record_ids(self) -> None:
+        """From now on, record each run's uids, gids, groups and HOME (see `ids`)."""
+        (self.ctl / "record-ids").touch()
+
+    def ids(self) -> list[dict[str, list[str]]]:
+        """Per finished run since `record_ids`: {"Uid": [real, effective, saved, fs], "Gid": [...],
+        "Groups": [...], "Home": [HOME]}, from /proc/PID/status."""
+        found = []
+        for d in (self.ctl / "calls").iterdir():
+            if (d / "done").exists() and (d / "ids").exists():
+                found.append({key: rest.split() for key, _, rest in
+                              (line.partition(":") for line in (d / "ids").read_text().splitlines())})
+        return found
 
     def calls(self) -> list[tuple[list[str], bytes]]:
         found = []
@@ -287,11 +303,29 @@ def relay_pass(queue_harness, fake_sendmail):
     return run
 
 
-def run_cli(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m mailrelayd ARGS` as a user would; capture output as text."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "mailrelayd", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
+# The commands that refuse to run as root without --user or --allow-root, besides the relay itself.
+_REFUSED_AS_ROOT = ("retry", "purge", "test-message", "check-config")
+
+
+def allow_root(args) -> list[str]:
+    """`mailrelayd ARGS`'s arguments, with --allow-root added when the tests run as root (CI
+    does) and the command would refuse to: the relay, retry, purge, test-message, check-config.
+    Left alone: arguments that name a --user, and the commands that run as root anyway."""
+    args = list(args)
+    command = args[0] if args and not args[0].startswith("-") else ""
+    if os.geteuid() != 0 or (command and command not in _REFUSED_AS_ROOT) or "--user" in args:
+        return args
+    return [command, "--allow-root", *args[1:]] if command else ["--allow-root", *args]
+
+
+def run_cli(*args: str, timeout: float = 60, add_allow_root: bool = True, python: str = sys.executable,
+            **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m mailrelayd ARGS` as a user would; capture output as text. Run as root,
+    it relays as root (`allow_root`), unless `add_allow_root` is false. `python` may be
+    another interpreter of this version: it finds this venv's packages too."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()])}
+    return subprocess.run([python, "-m", "mailrelayd", *(allow_root(args) if add_allow_root else args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 
 def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
@@ -312,7 +346,7 @@ class Daemon:
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mailrelayd", "--log-format", "json", *args],
+                [sys.executable, "-m", "mailrelayd", *allow_root(["--log-format", "json", *args])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             )

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from conftest import ROOT, TERMINAL_UNSAFE, SqliteHarness, fossil_message, run_cli, wait_until
+from conftest import ROOT, TERMINAL_UNSAFE, SqliteHarness, allow_root, fossil_message, run_cli, wait_until
 
 from mailrelayd import cli
 
@@ -30,7 +30,7 @@ def admin(capsys):
     def run(harness, *args, queue_args=True):
         capsys.readouterr()
         try:
-            code = cli.main([*args, *(harness.cli_args if queue_args else [])])
+            code = cli.main(allow_root([*args, *(harness.cli_args if queue_args else [])]))
         except SystemExit as e:  # argparse: a usage error, or --help
             code = e.code
         out, err = capsys.readouterr()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from mailrelayd.config import OPTIONS
-from conftest import ROOT, SqliteHarness, fossil_message, run_cli
+from conftest import ROOT, SqliteHarness, allow_root, fossil_message, run_cli
 
 
 def drain(harness, fake_sendmail, *extra):
@@ -169,8 +169,8 @@ def _drain_on_a_terminal(harness, fake_sendmail) -> tuple[int, str]:
     import pty
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--drain", *harness.cli_args, "--settle", "0",
-                             "--workers", "1", "--command", f"{fake_sendmail.path} -ti"],
+    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", *allow_root(["--drain", *harness.cli_args, "--settle",
+                             "0", "--workers", "1", "--command", f"{fake_sendmail.path} -ti"])],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"})
     os.close(slave)

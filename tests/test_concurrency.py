@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mailrelayd.message import to_lf
-from conftest import ROOT, fossil_message, run_cli, wait_until
+from conftest import ROOT, allow_root, fossil_message, run_cli, wait_until
 
 FOSSIL_LIKE = Path(__file__).with_name("fossil_like.py")
 
@@ -22,8 +22,9 @@ DRAINS, WORKERS = 2, 2  # drains side by side, and the workers of each: many cla
 
 def start_drain(harness, fake_sendmail, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "mailrelayd", "--drain", *harness.cli_args,
-         "--command", f"{fake_sendmail.path} -ti", "--log-format", "json", *extra],
+        [sys.executable, "-m", "mailrelayd", *allow_root(["--drain", *harness.cli_args, "--command",
+                                                           f"{fake_sendmail.path} -ti", "--log-format", "json",
+                                                           *extra])],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )

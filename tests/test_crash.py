@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailrelayd.message import to_lf
-from conftest import ROOT, FakeSendmail, fossil_message, run_cli, wait_until
+from conftest import ROOT, FakeSendmail, allow_root, fossil_message, run_cli, wait_until
 
 ROUNDS, MESSAGES, WORKERS = 8, 40, 2
 # A relay holds at most 2 x workers claims (running, or finished but not yet recorded):
@@ -33,8 +33,8 @@ exit 0
 def start_drain(harness, fake_sendmail, *extra: str) -> subprocess.Popen:
     """`mailrelayd --drain` as a child we can kill -9 at will."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mailrelayd", "--drain", *harness.cli_args,
-         "--command", f"{fake_sendmail.path} -ti", *extra],
+        [sys.executable, "-m", "mailrelayd", *allow_root(["--drain", *harness.cli_args,
+                                                           "--command", f"{fake_sendmail.path} -ti", *extra])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -137,7 +137,8 @@ def test_kill_9_while_writing_to_sendmail_never_hands_it_a_truncated_message(que
     data = fossil_message(subject="long post", body=line * 3000)  # about 200 KB, more than a pipe holds
     queue_harness.enqueue(data)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mailrelayd", "--drain", *queue_harness.cli_args, "--command", f"{program} -ti"],
+        [sys.executable, "-m", "mailrelayd", *allow_root(["--drain", *queue_harness.cli_args, "--command",
+                                                           f"{program} -ti"])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TERMINAL_UNSAFE, fossil_message, hostile_text, kill_fakes
+from conftest import ROOT, TERMINAL_UNSAFE, allow_root, fossil_message, hostile_text, kill_fakes
 from hypothesis import HealthCheck, given, settings
 
 from mailrelayd import log
@@ -330,9 +330,10 @@ def test_daemon_under_syslog_relays_on_past_names_and_recipients_that_are_not_ut
         f.write(fossil_message(to="b\u00ffob@example.com, \x1bx@example.com").replace("\u00ff".encode(), b"\xff"))
     stderr = tmp_path / "daemon.stderr"
     with open(stderr, "wb") as err:
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "mailrelayd", "--syslog", *spool_harness.cli_args,
-                                 "--settle", "0", "--notify-failed", "admin@example.org",
-                                 "--command", f"{fake_sendmail.path} -ti"],
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "mailrelayd",
+                                 *allow_root(["--syslog", *spool_harness.cli_args, "--settle", "0",
+                                              "--notify-failed", "admin@example.org",
+                                              "--command", f"{fake_sendmail.path} -ti"])],
                                 stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailrelayd.message import to_lf
-from conftest import ROOT, SqliteHarness, SpoolHarness, fossil_message, run_cli, started_calls, wait_until
+from conftest import ROOT, SpoolHarness, SqliteHarness, allow_root, fossil_message, run_cli, started_calls, wait_until
 
 
 class NotifySocket:
@@ -188,8 +188,8 @@ def test_sighup_applies_a_new_config(sqlite_harness, fake_sendmail, daemon, tmp_
 def test_sighup_reopens_the_log_file(sqlite_harness, tmp_path):
     """After logrotate renames the log file, SIGHUP makes the daemon write to a new file at the path."""
     log = tmp_path / "mailrelayd.log"
-    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", *sqlite_harness.cli_args, "--log-file", str(log),
-                             "--command", "/bin/true"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", *allow_root([*sqlite_harness.cli_args, "--log-file",
+                             str(log), "--command", "/bin/true"])], env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until(lambda: log.exists() and "relay_started" in log.read_text(), timeout=10, what="the first log")
@@ -209,7 +209,8 @@ def test_a_reload_changes_how_the_running_relays_log(sqlite_harness, tmp_path, c
     log = tmp_path / "mailrelayd.log"
     base = f'db = "{sqlite_harness.path}"\nlog_file = "{log}"\ncommand = "/bin/true"\nlog_format = "json"\n'
     config = write_config(tmp_path / "relay.toml", base + 'log_level = "warning"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--config", str(config), "--poll-interval", "1h"],
+    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", *allow_root(["--config", str(config), "--poll-interval",
+                                                                           "1h"])],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:

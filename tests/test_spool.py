@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SpoolHarness, fossil_message, run_cli, wait_until
+from conftest import ROOT, SpoolHarness, allow_root, fossil_message, run_cli, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -81,7 +81,7 @@ class Daemon:
     def __init__(self, log_path: Path, args: list[str]):
         self.log_path = log_path
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--log-format", "json", *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", *allow_root(["--log-format", "json", *args])],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=ENV)
 
     def logged(self, event: str) -> list[dict]:
@@ -570,7 +570,7 @@ def test_two_drains_deliver_each_of_100_messages_once(spool, fake_sendmail):
 
     args = ["--drain", "--spool", str(spool.path), "--settle", "0", "--workers", "4", "--log-format", "json",
             "--command", f"{fake_sendmail.path} -ti"]
-    procs = [subprocess.Popen([sys.executable, "-m", "mailrelayd", *args], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", "mailrelayd", *allow_root(args)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
     outputs = [p.communicate(timeout=60) for p in procs]
 

@@ -8,11 +8,13 @@ import shutil
 import signal
 import sys
 
-from mailrelayd import __version__
+from mailrelayd import __version__, privileges
 from mailrelayd.cli.options import Parser, add_config_options, fail, parse_and_load
 from mailrelayd.compose import configure_log, make_queue, make_relay, make_transport
 from mailrelayd.config import Config, ConfigError, expand
 from mailrelayd.log import get_logger
+from mailrelayd.privileges import PrivilegeError
+from mailrelayd.queuelock import QueueLock
 from mailrelayd.relay import DrainReport
 from mailrelayd.terminal import clean
 
@@ -24,9 +26,9 @@ EPILOG = (
     "[[queue]] tables in the file give several queues to one process. "
     "Durations take s, m, h or d (300, 5m, 1h, 5d). Signals: TERM/INT stop after the deliveries in flight, "
     "HUP rereads the config and reopens the log file, USR1 scans now. Drain exit status: 0 all sent, "
-    "75 some deferred, 65 some set aside as failed, 66 queue unreadable, 78 bad configuration. Daemon: "
-    "0 stopped, 66 no queue can work, 73 cannot create the log file or pidfile, 75 another mailrelayd "
-    "holds a queue, 78 bad configuration."
+    "75 some deferred, 65 some set aside as failed, 66 queue unreadable, 78 bad configuration, or started as "
+    "root without --user or --allow-root. Daemon: 0 stopped, 66 no queue can work, 73 cannot create the log "
+    "file or pidfile, 75 another mailrelayd holds a queue, 78 as for a drain."
 )
 
 
@@ -47,11 +49,37 @@ def main(argv: list[str]) -> int:
     args, config = loaded
     if args.drain and (config.daemon or config.pidfile):
         return fail("--drain runs in the foreground and writes no pidfile", os.EX_USAGE)
+    try:  # before anything is opened or created
+        account = privileges.plan(config)
+    except PrivilegeError as e:
+        return fail(str(e), os.EX_CONFIG)
     progress = args.drain and sys.stderr.isatty() and not config.log_file and not config.syslog
+    privileges.create_log_file(config.log_file, account)
     try:
         configure_log(config, _AboveTheBar(sys.stderr) if progress else None)
     except OSError as e:
         return fail(f"cannot open log_file {config.log_file}: {e.strerror or e}", os.EX_CANTCREAT)
+    pidfile = None
+    if config.pidfile:  # opened as root (if started so) and kept open: never reopened
+        pidfile = QueueLock(config.pidfile)
+        try:
+            held_by = pidfile.acquire(write_pid=not config.daemon)  # --daemon: the detached child's pid, later
+        except OSError as e:
+            return fail(f"cannot write pidfile {config.pidfile}: {e.strerror or e}", os.EX_CANTCREAT)
+        if held_by is not None:
+            return fail(f"already running as pid {held_by} ({config.pidfile})", os.EX_TEMPFAIL)
+    try:
+        privileges.switch(account)  # before anything touches a queue or its lock file
+        return _relay(args, config, progress, pidfile)
+    except PrivilegeError as e:
+        return fail(str(e), os.EX_CONFIG)
+    finally:
+        if pidfile:
+            pidfile.release(clear=True)
+
+
+def _relay(args: argparse.Namespace, config: Config, progress: bool, pidfile: QueueLock | None) -> int:
+    """Check every queue's transport, then drain or serve, as the user that relays."""
     log = get_logger()
     queues = expand(config)
     try:  # every queue's transport must be buildable before anything starts
@@ -66,9 +94,10 @@ def main(argv: list[str]) -> int:
         if not queue.maildir and not queue.smtp.server and not _runnable(queue.command[0]):
             log.error("command_not_runnable", command=queue.command[0],
                       note="messages stay queued and are retried until it can be run")
+    privileges.warn_if_root(log)
     if args.drain:
         return _drain(queues, log, progress)
-    return _serve(args, config, log)
+    return _serve(args, config, log, pidfile)
 
 
 def _drain(queues: list[Config], log, progress: bool) -> int:
@@ -108,10 +137,9 @@ def _drain(queues: list[Config], log, progress: bool) -> int:
     return total.exit_status
 
 
-def _serve(args: argparse.Namespace, config: Config, log) -> int:
-    """The daemon: lock the queues (and pidfile), detach if asked, supervise the relays."""
+def _serve(args: argparse.Namespace, config: Config, log, pidfile: QueueLock | None) -> int:
+    """The daemon: lock the queues, detach if asked, supervise the relays."""
     from mailrelayd.cli.options import load
-    from mailrelayd.queuelock import QueueLock
     from mailrelayd.sdnotify import Notifier
     from mailrelayd.service import QueueHeld, Service
 
@@ -122,21 +150,13 @@ def _serve(args: argparse.Namespace, config: Config, log) -> int:
     except QueueHeld as e:
         log.error("queue_held", queue=str(e.path), pid=e.pid)
         return fail(clean(str(e)), os.EX_TEMPFAIL)  # a glob's match may be named by a jail
-    pidfile = None
-    if config.pidfile:
-        pidfile = QueueLock(config.pidfile)
-        try:
-            held_by = pidfile.acquire(write_pid=not config.daemon)  # --daemon: the detached child's pid, later
-        except OSError as e:
-            return fail(f"cannot write pidfile {config.pidfile}: {e.strerror or e}", os.EX_CANTCREAT)
-        if held_by is not None:
-            return fail(f"already running as pid {held_by} ({config.pidfile})", os.EX_TEMPFAIL)
     if config.daemon:
         import daemon
 
         from mailrelayd.log import log_fds
 
         keep = service.lock_fds() + ([pidfile.fileno()] if pidfile else []) + log_fds()
+        # Already the relay's user: DaemonContext's uid and gid (getuid(), getgid()) change nothing.
         daemon.DaemonContext(working_directory="/", umask=0o027, detach_process=True, files_preserve=keep,
                              signal_map={}).open()
         service.rewrite_pids()
@@ -156,11 +176,7 @@ def _serve(args: argparse.Namespace, config: Config, log) -> int:
         signal.signal(signum, lambda *_: service.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
     signal.signal(signal.SIGUSR1, lambda *_: service.request_scan())
-    try:
-        return service.run()
-    finally:
-        if pidfile:
-            pidfile.release(clear=True)
+    return service.run()
 
 
 class _AboveTheBar:

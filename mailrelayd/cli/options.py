@@ -12,8 +12,10 @@ from typing import NoReturn
 
 from mailrelayd.config import DEFAULT_CONFIG, OPTIONS, Config, ConfigError, build, read_toml
 
-# The settings that say which queue, and how to open it: the only ones the queue commands take.
-QUEUE_KEYS = ("db", "spool", "state_dir", "settle", "keep_sent", "max_size", "spool_owner", "sentlog_retention")
+# The settings that say which queue, how to open it and as whom: the only ones the queue
+# commands take (and allow_root, for those that write).
+QUEUE_KEYS = ("db", "spool", "state_dir", "settle", "keep_sent", "max_size", "spool_owner", "sentlog_retention",
+              "user")
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,6 +62,18 @@ def fail(message: str, status: int) -> int:
     """Print one line on stderr; return `status` (to be returned by the command)."""
     print(f"mailrelayd: {message}", file=sys.stderr)
     return status
+
+
+def become_user(config: Config, read_only: bool = False) -> int | None:
+    """Switch to the configured user now, as mailrelayd.privileges says (a command that
+    only reads may stay root); None, or the exit status (78) of a refusal, after its line."""
+    from mailrelayd import privileges
+
+    try:
+        privileges.switch(privileges.plan(config, read_only))
+    except privileges.PrivilegeError as e:
+        return fail(str(e), os.EX_CONFIG)
+    return None
 
 
 def parse_and_load(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Config] | int:

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from mailrelayd.cli.options import QUEUE_KEYS, Parser, add_config_options, fail, parse_and_load
+from mailrelayd.cli.options import QUEUE_KEYS, Parser, add_config_options, become_user, fail, parse_and_load
 from mailrelayd.compose import make_queue
 from mailrelayd.config import Config, expand, is_glob, parse_duration
 from mailrelayd.message import MalformedMessage, header_block, read_envelope
@@ -24,8 +24,9 @@ from mailrelayd.queues import Entry, Queue, QueueError
 from mailrelayd.terminal import age, clean, one_line, when
 
 COMMANDS = ("status", "list", "show", "retry", "purge")
+READ_ONLY = ("status", "list", "show")  # may run as root; retry and purge follow the relay's rule (privileges.py)
 EPILOG = ("Exit status: 0 done, 1 no such message, 64 bad command line, 66 queue unreadable, 78 bad"
-          " configuration.")
+          " configuration (or retry and purge run as root without --user or --allow-root).")
 USAGE = {
     "status": "mailrelayd status [--json] [QUEUE OPTIONS]",
     "list": "mailrelayd list [--deferred | --failed | --refused] [--json] [QUEUE OPTIONS]",
@@ -68,7 +69,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         what.add_argument("--sentlog", action="store_true", help="delete sentlog rows (or kept sent files)")
         p.add_argument("--older-than", type=_duration, metavar="DURATION",
                        help="only what is older than this (30d, 12h)")
-    add_config_options(p, QUEUE_KEYS)
+    add_config_options(p, QUEUE_KEYS + (() if command in READ_ONLY else ("allow_root",)))
     return p
 
 
@@ -77,6 +78,9 @@ def main(command: str, argv: list[str]) -> int:
     if isinstance(loaded, int):
         return loaded
     args, config = loaded
+    refused = become_user(config, read_only=command in READ_ONLY)
+    if refused is not None:
+        return refused
     now = time.time()
     if config.queues or is_glob(config.queue_path):
         if command == "status":

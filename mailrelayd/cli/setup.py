@@ -16,12 +16,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mailrelayd import checks
+from mailrelayd import checks, privileges
 from mailrelayd.cli.options import Parser, add_config_options, fail, parse_and_load
 from mailrelayd.compose import configure_log, make_queue, make_relay
 from mailrelayd.config import PROCESS_KEYS, Config, ConfigError, expand, is_glob
 from mailrelayd.inject import enqueue, is_plain_address
+from mailrelayd.log import get_logger
 from mailrelayd.notice import probe_message
+from mailrelayd.privileges import PrivilegeError
 from mailrelayd.queues import Queue, QueueError
 from mailrelayd.terminal import clean, one_line, when
 
@@ -44,7 +46,8 @@ EPILOG = {
     "check-config": "Exit status: 0 all is well, 64 bad command line, 78 a bad value or problems (each listed"
                     " on stderr).",
     "test-message": "Exit status: 0 queued (with --now: sent), 64 bad recipient or option, 66 queue unusable,"
-                    " 78 bad configuration; with --now, 75 deferred and 65 failed, as a drain's.",
+                    " 73 the log file cannot be opened, 78 bad configuration (also: run as root without --user or"
+                    " --allow-root); with --now, 75 deferred and 65 failed, as a drain's.",
 }
 
 
@@ -71,7 +74,11 @@ def main(command: str, argv: list[str]) -> int:
         return check_config(config)
     if config.queues or is_glob(config.queue_path):
         return fail("test-message works on one queue: name it with --db or --spool", os.EX_USAGE)
-    return test_message(config, args)
+    try:  # the relay's rule: before anything is opened
+        account = privileges.plan(config)
+    except PrivilegeError as e:
+        return fail(str(e), os.EX_CONFIG)
+    return test_message(config, args, account)
 
 
 # -- check-config --------------------------------------------------------------------------
@@ -81,6 +88,14 @@ def check_config(config: Config) -> int:
     for line in effective_lines(config):
         print(line)
     problems: list[str] = []
+    try:  # the checks are made as the relay would run: as `user` when started as root
+        account = privileges.plan(config)
+        privileges.switch(account)
+    except PrivilegeError as e:
+        problems.append(str(e))
+    else:
+        if account is not None:
+            print(f"# checked as user {account.name}")
     for table in config.queues:
         print("\n[[queue]]")
         for line in effective_lines(table, base=config):
@@ -136,7 +151,7 @@ def _toml(value) -> str:
 # -- test-message --------------------------------------------------------------------------
 
 
-def test_message(config: Config, args) -> int:
+def test_message(config: Config, args, account: privileges.Account | None) -> int:
     bad = [r for r in args.recipients if not is_plain_address(r, need_domain=True)]
     for r in bad:
         fail(f"not a plain address: {r!r}"[:200], os.EX_USAGE)
@@ -156,13 +171,20 @@ def test_message(config: Config, args) -> int:
         message = probe_message(sender, args.recipients, args.subject, body)
     except ValueError as e:
         return fail(str(e), os.EX_USAGE)
-    relay = None
-    if args.now:  # before queueing: a transport that cannot work queues nothing
-        configure_log(config)
+    if args.now:  # as the daemon does: the log opened, then the switch to the relay's user
+        privileges.create_log_file(config.log_file, account)
         try:
+            configure_log(config)
+        except OSError as e:
+            return fail(f"cannot open log_file {config.log_file}: {e.strerror or e}", os.EX_CANTCREAT)
+    relay = None
+    try:
+        privileges.switch(account)
+        if args.now:  # before queueing: a transport that cannot work queues nothing
             relay = make_relay(config)
-        except ConfigError as e:
-            return fail(str(e), os.EX_CONFIG)
+            privileges.warn_if_root(get_logger())
+    except (PrivilegeError, ConfigError) as e:
+        return fail(str(e), os.EX_CONFIG)
     try:
         if config.spool:
             ident = enqueue(str(config.spool), sender, args.recipients, message)
