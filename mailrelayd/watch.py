@@ -4,6 +4,10 @@ Events only wake a relay's loop; nothing is delivered on the watcher's threads. 
 events can be had (a missing directory, a file system without inotify, no watches left),
 a relay still finds new mail by polling. watchdog runs one reader thread per watched
 directory besides the Observer's own.
+
+A file renamed into a directory from outside it (`mailrelayd retry --failed`, `mv`) is
+reported as moved, never as created: a spool takes a created file for one still being
+written.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyObserver
 
 _WAKING_EVENTS = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
 
@@ -45,8 +49,8 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if not isinstance(event, _WAKING_EVENTS):  # watchdog before 4.0 cannot filter (see schedule)
             return
-        path = getattr(event, "dest_path", "") or event.src_path  # a move: where it went
-        if self._notice(event.event_type, os.fsdecode(path)):
+        path = event.dest_path if event.event_type == "moved" else event.src_path  # a move: where it went
+        if path and self._notice(event.event_type, os.fsdecode(path)):  # "": moved out of the directory
             self._wake()
 
 
@@ -97,7 +101,7 @@ class Watcher:
     def schedule(self, handler: FileSystemEventHandler, directory: Path):
         with self._lock:
             if self._observer is None:
-                self._observer = Observer()
+                self._observer = InotifyObserver(generate_full_events=True)  # unmatched moves in stay moves
                 self._observer.start()
             try:  # watchdog 4.0 and later asks inotify for these events only
                 return self._observer.schedule(  # type: ignore[call-arg]
