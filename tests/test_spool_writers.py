@@ -10,19 +10,17 @@ whether a writer still holds the file open.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from watchdog.events import FileClosedNoWriteEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from conftest import ROOT, wait_until
 from test_spool import entries, lf_message, plant_old, spool  # noqa: F401  (spool is a fixture)
@@ -81,33 +79,17 @@ def paused_writer(tmp_path):
         writer.proc.wait()
 
 
-class LookedAt(FileSystemEventHandler):
-    """Set when some process other than the writer opened `path` and closed it without writing."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-        self.seen = threading.Event()
-
-    def on_closed_no_write(self, event) -> None:
-        if event.src_path == self.path:
-            self.seen.set()
-
-
-@pytest.fixture
-def looked_at():
-    observers = []
-
-    def watch(path: Path) -> threading.Event:
-        handler, observer = LookedAt(path), Observer()
-        observer.schedule(handler, str(path.parent), event_filter=[FileClosedNoWriteEvent])
-        observer.start()
-        observers.append(observer)
-        return handler.seen
-
-    yield watch
-    for observer in observers:
-        observer.stop()
-        observer.join()
+def logged(log: Path, event: str) -> list[dict]:
+    """The JSON log lines of `log` (written by a running process) with this event."""
+    found = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if entry.get("event") == event:
+            found.append(entry)
+    return found
 
 
 def leases_work(directory: Path) -> bool:
@@ -171,42 +153,57 @@ def test_file_renamed_in_from_outside_is_taken_at_once(spool, fake_sendmail, dae
     assert fake_sendmail.bodies() == [MESSAGE]
 
 
-def test_drain_waits_for_a_writer_holding_a_settled_file(spool, fake_sendmail, paused_writer, looked_at):
-    """Without file events, a drain does not send a settled file whose writer the kernel shows still holds it open, and sends it whole once closed."""
+def test_a_change_of_metadata_alone_is_not_taken_for_writing(spool, fake_sendmail, daemon):
+    """With no lease to be had, a whole file that is only chmod-ed and chown-ed while the daemon watches is still sent once settled."""
+    nobody = needs_root_without_lease()
+    name = spool.enqueue(MESSAGE)
+    d = daemon("--spool", str(spool.path), "--settle", "3s", "--poll-interval", "1h", prefix=NO_LEASE)
+    wait_until(lambda: d.logged("relay_started"), what="the daemon to start")
+
+    path = spool.path / name
+    os.chmod(path, 0o600)
+    os.chown(path, nobody, -1)
+
+    wait_until(lambda: fake_sendmail.calls(), timeout=20, what="the delivery, once settled")
+    assert fake_sendmail.bodies() == [MESSAGE]
+
+
+def test_drain_waits_for_a_writer_holding_a_settled_file(spool, fake_sendmail, paused_writer, tmp_path):
+    """Without file events, a drain does not send a settled file whose writer the kernel shows still holds it open, says so once, and sends it whole once closed."""
     needs_leases(spool.path)
     path = spool.path / "202611220341570004000006.email"
     writer = paused_writer(path)
     plant_old(path)
-    looked = looked_at(path)
+    log = tmp_path / "drain.log"
 
-    proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--drain", "--spool", str(spool.path), "--settle",
-                             "0.2s", "--command", f"{fake_sendmail.path} -ti", "--log-format", "json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--drain", "--spool", str(spool.path), "--settle",
+                                 "0.2s", "--command", f"{fake_sendmail.path} -ti", "--log-format", "json"],
+                                stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        assert looked.wait(timeout=30), "the drain never looked at the file"
+        wait_until(lambda: logged(log, "message_waiting_for_writer") or proc.poll() is not None, timeout=30,
+                   what="the drain to find the file held open")
         assert fake_sendmail.calls() == [], "sent while its writer still held it open"
     finally:
         writer.finish()
-    _, log = proc.communicate(timeout=90)
 
-    assert proc.returncode == 0, log
+    assert proc.wait(timeout=90) == 0, log.read_text()
+    assert [e["emailid"] for e in logged(log, "message_waiting_for_writer")] == [path.name]
     assert fake_sendmail.bodies() == [MESSAGE]
     assert entries(spool.path) == []
 
 
-def test_daemon_start_waits_for_a_writer_holding_a_settled_file(spool, fake_sendmail, daemon, paused_writer,
-                                                                looked_at):
+def test_daemon_start_waits_for_a_writer_holding_a_settled_file(spool, fake_sendmail, daemon, paused_writer):
     """A daemon starting beside a settled file whose writer the kernel shows still holds it open does not send it, and sends it whole once closed."""
     needs_leases(spool.path)
     path = spool.path / "202611220341570004000007.email"
     writer = paused_writer(path)
     plant_old(path)
-    looked = looked_at(path)
 
     d = daemon("--spool", str(spool.path), "--settle", "0.2s", "--poll-interval", "1h")
     try:
-        assert looked.wait(timeout=30), "the daemon never looked at the file"
+        wait_until(lambda: d.logged("message_waiting_for_writer") or not d.alive(), timeout=30,
+                   what="the daemon to find the file held open")
         assert fake_sendmail.calls() == [], "sent while its writer still held it open"
     finally:
         writer.finish()

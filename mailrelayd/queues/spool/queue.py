@@ -318,6 +318,8 @@ class SpoolQueue:
         leased = read_lease(fd) if where == SPOOL else None
         if leased is False or (leased is None and need_proof):
             if leased is False:  # look again soon, even with no file event to say it was closed
+                if self._writers.held_open(name):
+                    self.log.info("message_waiting_for_writer", emailid=name)
                 recheck = now + WRITER_RECHECK
                 self._settles_at = recheck if self._settles_at is None else min(self._settles_at, recheck)
             return None

@@ -26,26 +26,36 @@ class Writers:
     def __init__(self, settle: float):
         self.settle = settle
         self._seen: dict[str, bool] = {}  # name -> closed by its writer (True) or being written (False)
+        self._held_open: set[str] = set()  # names a lease showed held open by a writer (said once)
         self._prune_at = PRUNE_AT
 
     def saw(self, kind: str, name: str) -> bool:
         """Record a file event (on the watcher's thread: one dict store); True for a close."""
+        if kind == "attrib":  # a chmod or chown: no writing
+            return False
         closed = kind in ("closed", "moved")  # written and closed, or renamed in whole
         self._seen[name] = closed
         return closed
 
     def taken(self, name: str) -> None:
         self._seen.pop(name, None)
+        self._held_open.discard(name)
+
+    def held_open(self, name: str) -> bool:
+        """A lease showed a writer holding `name` open; True the first time (to say so once)."""
+        first = name not in self._held_open
+        self._held_open.add(name)
+        return first
 
     def whole(self, names: Iterable[str], stat_of: Callable[[str], os.stat_result | None],
               exists: Callable[[str], bool], now: float) -> tuple[list[tuple[str, bool]], float | None]:
         """(name, needs proof) of the whole files among `names`, and when the next file no
         writing was seen of settles (None: none waits)."""
-        if len(self._seen) > self._prune_at:  # names that others took or removed
-            for name in list(self._seen):
+        if len(self._seen) + len(self._held_open) > self._prune_at:  # names that others took or removed
+            for name in list(self._seen) + list(self._held_open):
                 if not exists(name):
-                    self._seen.pop(name, None)
-            self._prune_at = max(PRUNE_AT, 2 * len(self._seen))
+                    self.taken(name)
+            self._prune_at = max(PRUNE_AT, 2 * (len(self._seen) + len(self._held_open)))
         whole, settles_at = [], None
         for name in names:
             closed = self._seen.get(name)
