@@ -4,6 +4,11 @@ Events only wake a relay's loop; nothing is delivered on the watcher's threads. 
 events can be had (a missing directory, a file system without inotify, no watches left),
 a relay still finds new mail by polling. watchdog runs one reader thread per watched
 directory besides the Observer's own.
+
+A file renamed into a directory from outside it (`mailrelayd retry --failed`, `mv`) is
+reported as moved, never as created, and a change of a file's metadata alone (chmod,
+chown) as attrib, never as modified: a spool takes a created or modified file for one
+still being written.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import watchdog.events
 from watchdog.events import (
     FileClosedEvent,
     FileCreatedEvent,
@@ -22,10 +28,15 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyObserver
 
 _WAKING_EVENTS = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
+# watchdog 4.0 and later report a change of metadata as FileAttribEvent; older ones (Debian
+# 12 has 2.2.1) as FileModifiedEvent, told from a write by the file's times (_metadata_only)
+# and passed on as "attrib". It still wakes the relay: the guess can be wrong for a file
+# written and then chmod-ed or chown-ed (as SQLite does to its -wal when run as root).
+_ATTRIB_APART = hasattr(watchdog.events, "FileAttribEvent")
 
 
 def _not_the_stop_race(record: logging.LogRecord) -> bool:
@@ -45,9 +56,24 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if not isinstance(event, _WAKING_EVENTS):  # watchdog before 4.0 cannot filter (see schedule)
             return
-        path = getattr(event, "dest_path", "") or event.src_path  # a move: where it went
-        if self._notice(event.event_type, os.fsdecode(path)):
+        path = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path  # a move: where it went
+        if not path:  # moved out of the directory
+            return
+        path, kind = os.fsdecode(path), event.event_type
+        if kind == "modified" and not _ATTRIB_APART and _metadata_only(path):
+            kind = "attrib"
+        if self._notice(kind, path):
             self._wake()
+
+
+def _metadata_only(path: str) -> bool:
+    """Whether the file's last change was to its metadata alone: a write sets its change and
+    modification times alike, a chmod or chown moves the change time only."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False  # gone: nothing to tell
+    return st.st_ctime_ns != st.st_mtime_ns
 
 
 class Watch:
@@ -97,7 +123,7 @@ class Watcher:
     def schedule(self, handler: FileSystemEventHandler, directory: Path):
         with self._lock:
             if self._observer is None:
-                self._observer = Observer()
+                self._observer = InotifyObserver(generate_full_events=True)  # unmatched moves in stay moves
                 self._observer.start()
             try:  # watchdog 4.0 and later asks inotify for these events only
                 return self._observer.schedule(  # type: ignore[call-arg]

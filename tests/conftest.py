@@ -340,13 +340,15 @@ def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
 
 
 class Daemon:
-    """`python -m mailrelayd` running in the background, its JSON log in a file."""
+    """`python -m mailrelayd` running in the background, its JSON log in a file; `prefix`
+    runs it through another command that execs it (such as setpriv)."""
 
-    def __init__(self, log_path: Path, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, log_path: Path, args: list[str], env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mailrelayd", *allow_root(["--log-format", "json", *args])],
+                [*prefix, sys.executable, "-m", "mailrelayd", *allow_root(["--log-format", "json", *args])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             )
@@ -402,9 +404,10 @@ def daemon(tmp_path, fake_sendmail):
     """Start daemons with `daemon(*args)`; any still running is killed at teardown."""
     started = []
 
-    def start(*args: str, command: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+    def start(*args: str, command: str | None = None, env: dict[str, str] | None = None,
+              prefix: tuple[str, ...] = ()) -> Daemon:
         d = Daemon(tmp_path / f"daemon{len(started)}.log",
-                   [*args, "--command", command or f"{fake_sendmail.path} -ti"], env)
+                   [*args, "--command", command or f"{fake_sendmail.path} -ti"], env, prefix)
         started.append(d)
         return d
 

@@ -444,3 +444,39 @@ def test_copied_file_runs_as_a_command(tmp_path, spool):
     result = run("-i", "-f", "trac@example.org", "a@x.org", spool=spool, command=[str(command)])
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
     assert split_envelope(only_file(spool))[1] == ("a@x.org",)
+
+
+def readme_block(heading: str) -> str:
+    """The first ```sh block of README.md under `heading`."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(f"\n{heading}\n"):]
+    return after.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_recipe_copies_the_injector_from_an_installed_mailrelayd(tmp_path, spool):
+    """The README's recipe, run where mailrelayd is pip-installed in a venv and only its command is on PATH (no checkout, no venv python), copies a working injector into the jail."""
+    source = tmp_path / "source"  # what `pip install .` is given; the checkout is left untouched
+    shutil.copytree(ROOT / "mailrelayd", source / "mailrelayd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                                "-q", "--no-deps", str(source)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    jail_bin = tmp_path / "jail" / "usr" / "local" / "bin"
+    jail_bin.mkdir(parents=True)
+    (tmp_path / "bin").mkdir()  # as /usr/local/bin/mailrelayd -> /opt/mailrelayd/bin/mailrelayd
+    (tmp_path / "bin" / "mailrelayd").symlink_to(venv / "bin" / "mailrelayd")
+    recipe = readme_block("### Copying it into a jail").replace("/jail/", f"{tmp_path / 'jail'}/")
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}  # no venv, PYTHONPATH or checkout
+
+    copied = subprocess.run(["sh", "-euc", recipe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    assert copied.returncode == 0, copied.stderr
+    command = jail_bin / "mailrelayd-sendmail"
+    assert command.read_bytes() == INJECT.read_bytes() and os.access(command, os.X_OK)
+    result = run("-i", "-f", "trac@example.org", "a@x.org", spool=spool, command=[str(command)], cwd=tmp_path,
+                 env={"PYTHONPATH": ""})
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert split_envelope(only_file(spool)) == ("trac@example.org", ("a@x.org",), MESSAGE)

@@ -1,12 +1,16 @@
 """The sendmail pipe transport, against a real executable."""
 
 import os
+import shutil
 import stat
+
+import pytest
 
 from mailrelayd.message import read_envelope
 from mailrelayd.outcome import PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.transports.pipe import PipeTransport
 from conftest import fossil_message, wait_until
+from mta import POSTFIX_SENDMAIL, postfix_instance, smtp_sink  # noqa: F401  (fixtures are used by name)
 
 PERMANENT = frozenset({65, 67})
 
@@ -82,6 +86,21 @@ def test_timeout_kills_the_whole_process_group(fake_sendmail):
     outcome = deliver(fake_sendmail, timeout=1)
     assert isinstance(outcome, TemporaryFailure) and "timed out after 1 s" in outcome.detail
     wait_until(lambda: not processes_running(b"sleep\x0037.25\x00"), timeout=5, what="the child to die")
+
+
+@pytest.mark.mta
+def test_timeout_reason_keeps_what_postfix_said(fake_sendmail, postfix_instance):
+    """Postfix's sendmail under NoNewPrivileges (postdrop loses its setgid) waits out the timeout, and the reason keeps postdrop's "Permission denied"."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed (apt-get install util-linux)")
+    # As systemd's NoNewPrivileges=yes does; root also gives up overriding file permissions.
+    command = ("setpriv", "--no-new-privs", "--bounding-set=-dac_override,-dac_read_search",
+               POSTFIX_SENDMAIL, "-C", str(postfix_instance.config_dir), "-ti")
+    outcome = deliver(fake_sendmail, timeout=3, command=command)
+    assert isinstance(outcome, TemporaryFailure)
+    assert "timed out after 3 s and was killed: " in outcome.detail
+    assert "postdrop: warning: mail_queue_enter: create file maildrop/" in outcome.detail
+    assert "Permission denied" in outcome.detail
 
 
 def processes_running(cmdline: bytes) -> list[str]:

@@ -121,13 +121,14 @@ def test_envelope_from_none_passes_no_sender(queue_harness, make_relay, fake_sen
 
 
 def test_maildir_transport_writes_each_message_into_new(queue_harness, tmp_path, clock):
-    """The Maildir transport leaves one LF-ended file per message in new/ and none in tmp/."""
+    """The Maildir transport leaves one LF-ended file per message in new/, after its envelope lines, and none in tmp/."""
     data = fossil_message()
     queue_harness.enqueue(data)
     relay = Relay(queue_harness.open_queue(), MaildirTransport(tmp_path / "Maildir"), clock=clock)
     assert relay.drain().sent == 1
     [written] = (tmp_path / "Maildir" / "new").iterdir()
-    assert written.read_bytes() == data.replace(b"\r\n", b"\n")
+    envelope = b"Return-Path: <noreply@example.org>\nX-Original-To: bob@example.com\nDelivered-To: bob@example.com\n"
+    assert written.read_bytes() == envelope + data.replace(b"\r\n", b"\n")
     assert list((tmp_path / "Maildir" / "tmp").iterdir()) == []
 
 

@@ -115,7 +115,8 @@ class Queue(Protocol):
 
     def notice(self, kind: str, path: str) -> bool:
         """Called on the watcher's thread for each file event in `watch_dir` (kind:
-        created, modified, closed or moved, with the new path); True wakes the relay."""
+        created, modified, attrib (most likely a change of metadata alone), closed or
+        moved, with the new path); True wakes the relay."""
         ...
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]: ...

@@ -1,7 +1,11 @@
 """Deliver into a local Maildir: write under tmp/, then rename into new/.
 
 For trying mailrelayd out without an MTA and for reading exactly what would have been
-sent. Messages are stored with local (LF) line endings, as Maildir readers expect.
+sent. Messages are stored with local (LF) line endings, as Maildir readers expect, after
+the lines a local delivery agent adds for the envelope: `Return-Path: <SENDER>` (none when
+no sender would be passed on) and `X-Original-To:` and `Delivered-To:` for each recipient.
+The envelope comes from a hostile queue: only plain addresses (`safe_address`) are
+written, so nothing from it can add a header line of its own; others are left out.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from mailrelayd.message import Envelope, to_lf
+from mailrelayd.message import Envelope, safe_address, to_lf
 from mailrelayd.outcome import Outcome, Sent, TemporaryFailure
 
 
@@ -31,7 +35,7 @@ class MaildirTransport:
             name = f"{time.time_ns() // 1000}.P{os.getpid()}Q{next(self._counter)}.{self._host}"
             tmp = self.root / "tmp" / name
             with open(tmp, "xb") as f:
-                f.write(to_lf(data))
+                f.write(envelope_lines(envelope) + to_lf(data))
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, self.root / "new" / name)
@@ -51,3 +55,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def envelope_lines(envelope: Envelope) -> bytes:
+    """The Return-Path:, X-Original-To: and Delivered-To: lines for `envelope`'s plain addresses."""
+    lines = []
+    if envelope.sender and safe_address(envelope.sender):
+        lines.append(f"Return-Path: <{envelope.sender}>")
+    for recipient in filter(safe_address, envelope.recipients):
+        lines += [f"X-Original-To: {recipient}", f"Delivered-To: {recipient}"]
+    return "".join(line + "\n" for line in lines).encode()

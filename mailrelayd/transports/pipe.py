@@ -52,10 +52,12 @@ class PipeTransport:
                 return TemporaryFailure(f"cannot run {argv[0]}: {e.strerror or e}", setup_error=True)
             with proc, self._deadlines.watch(self.timeout, lambda: _kill_group(proc.pid)) as watch:
                 proc.wait()
-            if watch.fired and proc.returncode != 0:
-                return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed")
             output.seek(max(0, output.seek(0, os.SEEK_END) - 4096))
-            return self._outcome(argv[0], proc.returncode, output.read())
+            said = output.read()
+            if watch.fired and proc.returncode != 0:  # with what it said: postdrop's "Permission denied"
+                return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed"
+                                        + _colon(_last_lines(said)))
+            return self._outcome(argv[0], proc.returncode, said)
 
     def _outcome(self, program: str, status: int, output: bytes) -> Outcome:
         said = _last_lines(output)

@@ -3,9 +3,10 @@
 The spool is written from inside a jail, so its content is hostile: an entry is only
 read if it is a regular file with one link, opened without following links, no larger
 than `max_size` and (optionally) owned by `owner_uid`; anything else is moved aside to
-corrupt/ with the reason, unread. Fossil writes each file in place with no lock, so a
-file is only taken once its writer closed it (an inotify close-after-write event) or
-it has been unchanged for `settle` seconds.
+corrupt/ with the reason, unread. Fossil writes each file in place with no lock: a file
+is only taken once whole (see writers.py: closed by a writer seen writing it, else settled),
+and, where the kernel grants a read lease (writers.read_lease), while no process has it open
+for writing; the lease is held while the file is read.
 
 Each claimed file is held with an exclusive flock for the whole delivery, so several
 relays can share a spool; the lock dies with its process. The state lives beside the
@@ -36,9 +37,11 @@ from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats, stor
 from mailrelayd.queues.spool import admin
 from mailrelayd.queues.spool.rules import READ_FLAGS, Rules, kind, number, read_all, same_file
 from mailrelayd.queues.spool.state import SPOOL, DeferredIndex, SpoolState
+from mailrelayd.queues.spool.writers import Writers, read_lease, release_lease
 from mailrelayd.throttle import Throttle
 
 LIST_BATCH = 4096  # oldest names taken from one listing: memory stays flat however long the backlog
+WRITER_RECHECK = 0.5  # seconds: look again this soon at a file a writer was proven to hold open
 
 
 @dataclass
@@ -58,16 +61,16 @@ class SpoolQueue:
         self.lock_path = spool.with_name(spool.name + ".mailrelayd.lock")
         self.watch_dir = spool
         self.settle = settle
+        self._writers = Writers(settle)
         self.rules = Rules(max_size, owner_uid)
         self.keep_sent = keep_sent
         self.sent_record = "sent messages" if keep_sent else None
         self.sentlog_retention = sentlog_retention
         self.refused_retention = refused_retention
         self.refused = 0
-        self._closed: set[str] = set()  # names whose writer has closed them (watcher's thread)
         self._held: dict[str, _Held] = {}
         self._deferred = DeferredIndex(self.state)
-        self._ready: deque[str] = deque()  # complete new files from the last listing, oldest first
+        self._ready: deque[tuple[str, bool]] = deque()  # (name, needs a lease's proof), oldest first
         self._settles_at: float | None = None  # when the next unsettled new file may be taken
         self.log = get_logger(queue=self.name)
         self._refused = Throttle(self.log, "message_refused")  # a flood is said as a count
@@ -92,9 +95,7 @@ class SpoolQueue:
         directory, _, name = path.rpartition("/")
         if directory != str(self.spool) or name.startswith("."):
             return False
-        if kind in ("closed", "moved"):  # written and closed, or renamed in whole
-            self._closed.add(name)
-        return True
+        return self._writers.saw(kind, name)  # only a close wakes the relay: a write alone makes nothing whole
 
     # -- claim and acknowledge ----------------------------------------------------
 
@@ -117,8 +118,10 @@ class SpoolQueue:
                         break
                     self._ready.extend(self._list_ready(now))
                     listed = True
-                elif msg := self._take(SPOOL, self._ready.popleft(), now):
-                    claimed.append(msg)
+                else:
+                    name, need_proof = self._ready.popleft()
+                    if msg := self._take(SPOOL, name, now, need_proof):
+                        claimed.append(msg)
         except OSError as e:
             self.release(claimed)
             raise QueueError(f"{self.spool}: {e.strerror or e}") from None
@@ -267,31 +270,17 @@ class SpoolQueue:
 
     # -- finding work -------------------------------------------------------------
 
-    def _list_ready(self, now: float) -> list[str]:
-        """Names in the spool that are complete: closed by their writer, or settled."""
-        ready, self._settles_at = [], None
-        spool_fd = self.state.fd(SPOOL)
-        names = heapq.nsmallest(LIST_BATCH, (n for n in os.listdir(spool_fd) if not n.startswith(".")))
-        if len(self._closed) > 10_000:  # names that others took: forget them
-            self._closed.intersection_update(names)
-        for name in names:
-            if name in self._held:
-                continue
-            if name in self._closed:
-                ready.append(name)
-                continue
-            try:
-                settles = os.stat(name, dir_fd=spool_fd, follow_symlinks=False).st_mtime + self.settle
-            except FileNotFoundError:
-                continue
-            if settles <= now:
-                ready.append(name)
-            elif self._settles_at is None or settles < self._settles_at:
-                self._settles_at = settles
+    def _list_ready(self, now: float) -> list[tuple[str, bool]]:
+        """(name, needs a lease's proof) of the spool's whole files, oldest first."""
+        names = heapq.nsmallest(LIST_BATCH, (n for n in os.listdir(self.state.fd(SPOOL)) if not n.startswith(".")))
+        ready, self._settles_at = self._writers.whole(
+            (n for n in names if n not in self._held), lambda n: self.state.lstat(SPOOL, n),
+            lambda n: self.state.exists(SPOOL, n), now)
         return ready
 
-    def _take(self, where: str, name: str, now: float) -> QueuedMessage | None:
-        """Lock, check and read one file; None if it is gone, held elsewhere or refused."""
+    def _take(self, where: str, name: str, now: float, need_proof: bool = False) -> QueuedMessage | None:
+        """Lock, check and read one file; None if it is gone, held elsewhere, still held open
+        by a writer (or, with `need_proof`, not proven closed by a lease), or refused."""
         dir_fd = self.state.fd(where)
         try:
             seen = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -305,25 +294,34 @@ class SpoolQueue:
         except OSError:  # gone, or replaced by something else since the stat: look next time
             return None
         try:
-            msg = self._check_and_read(fd, where, name, now)
+            msg = self._check_and_read(fd, where, name, now, need_proof)
         except BaseException:
             os.close(fd)
             raise
         if msg is None:
             os.close(fd)
             return None
-        self._closed.discard(name)
+        self._writers.taken(name)
         self._held[name] = _Held(fd, where, name)
         return msg
 
-    def _check_and_read(self, fd: int, where: str, name: str, now: float) -> QueuedMessage | None:
-        """The message in the open file `fd`, or None (held elsewhere, replaced, not due, refused)."""
+    def _check_and_read(self, fd: int, where: str, name: str, now: float, need_proof: bool) -> QueuedMessage | None:
+        """The message in the open file `fd`, or None (held elsewhere, replaced, still held
+        open by a writer or not proven closed when `need_proof`, not due, refused)."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another relay is delivering it
             return None
         opened = os.fstat(fd)
         if not same_file(opened, name, self.state.fd(where)):  # replaced, moved or sent meanwhile
+            return None
+        leased = read_lease(fd) if where == SPOOL else None
+        if leased is False or (leased is None and need_proof):
+            if leased is False:  # look again soon, even with no file event to say it was closed
+                if self._writers.held_open(name):
+                    self.log.info("message_waiting_for_writer", emailid=name)
+                recheck = now + WRITER_RECHECK
+                self._settles_at = recheck if self._settles_at is None else min(self._settles_at, recheck)
             return None
         schedule = self.state.schedule(name) if where == "deferred" else {}
         next_try = number(schedule.get("next_try"), 0.0)
@@ -340,6 +338,8 @@ class SpoolQueue:
                 envelope = split_envelope(data)
             except ValueError as e:
                 problem = f"bad mailrelayd envelope: {e}"
+        if leased:  # read whole while no writer could open it; release at once
+            release_lease(fd)
         if problem is not None:
             self._refuse(where, name, problem)
             return None
