@@ -209,7 +209,8 @@ def test_default_spool_takes_mail_from_a_submit_group_member(deb):
             "/usr/bin/mailrelayd-sendmail", "-t", input=message)
         run("runuser", "-u", "mailrelayd", "--", "/usr/bin/mailrelayd", "--drain", "--spool", str(SPOOL),
             "--settle", "0", "--maildir", str(out / "maildir"))
-        assert [p.read_text() for p in delivered(out / "maildir")] == [message]
+        envelope = "Return-Path: <trac@example.org>\nX-Original-To: bob@example.com\nDelivered-To: bob@example.com\n"
+        assert [p.read_text() for p in delivered(out / "maildir")] == [envelope + message]
     finally:
         shutil.rmtree(out)
 
