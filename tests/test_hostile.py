@@ -38,8 +38,10 @@ class Jails:
         self.baseline = self.usage()
 
     def usage(self) -> tuple[int, int]:
-        """(open descriptors, RSS in KiB) of the daemon."""
+        """(open descriptors, RSS in KiB) of the daemon, once no sendmail it started still
+        runs (a child's pipes are not a leak)."""
         pid = self.daemon.pid
+        wait_until(lambda: not children(pid), timeout=10, what="the daemon's sendmail children to exit")
         fds = len(os.listdir(f"/proc/{pid}/fd"))
         rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                    if line.startswith("VmRSS:"))
@@ -59,6 +61,19 @@ class Jails:
         fds, rss = self.usage()
         assert fds <= self.baseline[0] + 2, f"descriptors grew from {self.baseline[0]} to {fds}"
         assert rss <= self.baseline[1] + 30 * 1024, f"RSS grew from {self.baseline[1]} to {rss} KiB"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else ""
+        except OSError:  # gone meanwhile
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def snapshot(directory: Path) -> dict:

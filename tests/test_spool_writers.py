@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, allow_root, wait_until
 from test_spool import entries, lf_message, plant_old, spool  # noqa: F401  (spool is a fixture)
 
 MESSAGE = lf_message("paused", body="".join(f"line {n} of the body\n" for n in range(20)))
@@ -177,8 +177,9 @@ def test_drain_waits_for_a_writer_holding_a_settled_file(spool, fake_sendmail, p
     log = tmp_path / "drain.log"
 
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", "--drain", "--spool", str(spool.path), "--settle",
-                                 "0.2s", "--command", f"{fake_sendmail.path} -ti", "--log-format", "json"],
+        proc = subprocess.Popen([sys.executable, "-m", "mailrelayd", *allow_root([
+                                    "--drain", "--spool", str(spool.path), "--settle", "0.2s",
+                                    "--command", f"{fake_sendmail.path} -ti", "--log-format", "json"])],
                                 stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         wait_until(lambda: logged(log, "message_waiting_for_writer") or proc.poll() is not None, timeout=30,
