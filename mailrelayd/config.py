@@ -10,6 +10,7 @@ The SMTP keys are declared by SmtpSettings (transports/smtp/settings.py) and hel
 from __future__ import annotations
 
 import glob
+import os
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -217,6 +218,24 @@ def expand(config: Config) -> list[Config]:
 
 def is_glob(path: Path | None) -> bool:
     return path is not None and glob.has_magic(str(path))
+
+
+def glob_problem(config: Config) -> str | None:
+    """Why this user cannot look where a queue glob looks (it would match nothing, whatever
+    is there), or None: its leading directory, up to the first wildcard, must be listable.
+    A directory that does not exist yet is no problem (its queues are picked up later)."""
+    path = config.queue_path
+    if not is_glob(path):
+        return None
+    parts = path.absolute().parts
+    base = Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part))])
+    try:
+        os.listdir(base)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        return f"{path}: cannot list {base}: {e.strerror or e} (the glob matches nothing there for this user)"
+    return None
 
 
 def _build_one(file_values: dict[str, Any], flag_values: dict[str, Any], source: str,

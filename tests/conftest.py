@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import site
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -430,3 +433,71 @@ def kill_fakes(fake_sendmail) -> None:
 
 def started_calls(fake_sendmail) -> list[Path]:
     return list((fake_sendmail.ctl / "calls").iterdir())
+
+
+# -- an unprivileged user (the tests that use it run as root, as CI does) ------------------
+
+
+def _admin(*command: str) -> None:
+    """Run useradd and friends, again while another process holds /etc/passwd's lock."""
+    deadline = time.monotonic() + 30
+    while True:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if "lock" not in done.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"{' '.join(command)}: {done.stderr}")
+        time.sleep(0.1)  # another process's useradd holds the lock: nothing to wait on but time
+
+
+@pytest.fixture(scope="session")
+def relay_user():
+    """A system user made for these tests (no home, no shell), with a supplementary group."""
+    if shutil.which("useradd") is None:
+        pytest.skip("useradd is not installed")
+    name, extra = f"mrt{os.getpid()}", f"mrt{os.getpid()}x"
+    _admin("groupadd", "--system", extra)
+    _admin("useradd", "--system", "--home-dir", "/nonexistent", "--no-create-home", "--shell",
+           "/usr/sbin/nologin", "--groups", extra, name)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        _admin("userdel", name)
+        _admin("groupdel", extra)
+
+
+@pytest.fixture(scope="session")
+def python(relay_user) -> str:
+    """A Python that relay_user can read (switching to a user who cannot is refused): this one,
+    or else the system's of the same version (one under /root, as pyenv's, is root's alone);
+    run_cli gives it this venv's packages, which are pure Python."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()])}
+    for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        try:
+            tried = subprocess.run([candidate, "-c", "import mailrelayd.cli.daemon, daemon, prometheus_client"],
+                                   user=relay_user.pw_uid, env=env, cwd="/", capture_output=True)
+        except OSError:
+            continue
+        if tried.returncode == 0:
+            return candidate
+    pytest.skip(f"no {version} that user {relay_user.pw_name} can read")
+
+
+@pytest.fixture
+def space(relay_user):
+    """A directory tree the user can reach (pytest's tmp_path is root's alone): `jail`, the
+    queue's directory, belongs to the user; `run`, for the pidfile and the log, to root."""
+    root = Path(tempfile.mkdtemp(prefix="mailrelayd-user-"))
+    root.chmod(0o755)
+    (root / "jail").mkdir()
+    os.chown(root / "jail", relay_user.pw_uid, relay_user.pw_gid)
+    (root / "run").mkdir(mode=0o755)
+    yield root
+    shutil.rmtree(root)
+
+
+def tree(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """Everything under `directory`: (mode, owner, size) by path."""
+    return {str(p.relative_to(directory)): (s.st_mode, s.st_uid, s.st_size)
+            for p in sorted(directory.rglob("*")) for s in [p.lstat()]}

@@ -7,81 +7,18 @@ kernel says of the relay and of its sendmail children (/proc/PID/status).
 
 import json
 import os
-import pwd
 import shutil
 import signal
-import site
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, FakeSendmail, SpoolHarness, SqliteHarness, fossil_message, run_cli, wait_until
+from conftest import FakeSendmail, SpoolHarness, SqliteHarness, fossil_message, run_cli, tree, wait_until
 
 from mailrelayd.message import to_lf
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching from root is only tried as root (CI is root)")
-
-
-def _admin(*command: str) -> None:
-    """Run useradd and friends, again while another process holds /etc/passwd's lock."""
-    deadline = time.monotonic() + 30
-    while True:
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode == 0:
-            return
-        if "lock" not in done.stderr or time.monotonic() > deadline:
-            raise AssertionError(f"{' '.join(command)}: {done.stderr}")
-        time.sleep(0.1)  # another process's useradd holds the lock: nothing to wait on but time
-
-
-@pytest.fixture(scope="module")
-def relay_user():
-    """A system user made for these tests (no home, no shell), with a supplementary group."""
-    if shutil.which("useradd") is None:
-        pytest.skip("useradd is not installed")
-    name, extra = f"mrt{os.getpid()}", f"mrt{os.getpid()}x"
-    _admin("groupadd", "--system", extra)
-    _admin("useradd", "--system", "--home-dir", "/nonexistent", "--no-create-home", "--shell",
-           "/usr/sbin/nologin", "--groups", extra, name)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        _admin("userdel", name)
-        _admin("groupdel", extra)
-
-
-@pytest.fixture(scope="module")
-def python(relay_user) -> str:
-    """A Python that relay_user can read (switching to a user who cannot is refused): this one,
-    or else the system's of the same version (one under /root, as pyenv's, is root's alone);
-    run_cli gives it this venv's packages, which are pure Python."""
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()])}
-    for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
-        try:
-            tried = subprocess.run([candidate, "-c", "import mailrelayd.cli.daemon, daemon, prometheus_client"],
-                                   user=relay_user.pw_uid, env=env, cwd="/", capture_output=True)
-        except OSError:
-            continue
-        if tried.returncode == 0:
-            return candidate
-    pytest.skip(f"no {version} that user {relay_user.pw_name} can read")
-
-
-@pytest.fixture
-def space(relay_user):
-    """A directory tree the user can reach (pytest's tmp_path is root's alone): `jail`, the
-    queue's directory, belongs to the user; `run`, for the pidfile and the log, to root."""
-    root = Path(tempfile.mkdtemp(prefix="mailrelayd-privileges-"))
-    root.chmod(0o755)
-    (root / "jail").mkdir()
-    os.chown(root / "jail", relay_user.pw_uid, relay_user.pw_gid)
-    (root / "run").mkdir(mode=0o755)
-    yield root
-    shutil.rmtree(root)
 
 
 @pytest.fixture
@@ -114,12 +51,6 @@ def _ids(pid: int) -> dict[str, list[str]]:
 def _owners(directory: Path) -> dict[str, int]:
     """The owner of everything under `directory`, by path."""
     return {str(p.relative_to(directory)): p.lstat().st_uid for p in sorted(directory.rglob("*"))}
-
-
-def _tree(directory: Path) -> dict[str, tuple[int, int, int]]:
-    """Everything under `directory`: (mode, owner, size) by path."""
-    return {str(p.relative_to(directory)): (s.st_mode, s.st_uid, s.st_size)
-            for p in sorted(directory.rglob("*")) for s in [p.lstat()]}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "spool"])
@@ -176,14 +107,14 @@ def test_root_without_user_is_refused_and_touches_nothing(kind, mode, space, sen
     creates nothing: no lock file, no WAL, no state directory, no log file or pidfile."""
     harness = _harness(kind, space, relay_user)
     harness.enqueue(fossil_message())
-    before = _tree(space)
+    before = tree(space)
     extra = [] if mode == ["--drain"] else ["--pidfile", str(space / "run" / "pid")]
     result = run_cli(*mode, *harness.cli_args, *extra, "--log-file", str(space / "run" / "log"),
                      "--command", f"{sendmail.path} -ti", add_allow_root=False)
     assert result.returncode == 78
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
     assert "--user" in result.stderr and "--allow-root" in result.stderr
-    assert _tree(space) == before
+    assert tree(space) == before
 
 
 def test_allow_root_relays_as_root_with_a_warning(space, sendmail, relay_user):
@@ -236,11 +167,11 @@ def test_admin_commands_that_write_follow_the_relays_rule(command, space, relay_
     """retry, purge and test-message run as root without user or allow_root are refused (78, one line),
     changing nothing."""
     harness = _harness("sqlite", space, relay_user)
-    before = _tree(space)
+    before = tree(space)
     result = run_cli(*command, *harness.cli_args, add_allow_root=False)
     assert result.returncode == 78
     assert len(result.stderr.splitlines()) == 1 and "--allow-root" in result.stderr, result.stderr
-    assert _tree(space) == before
+    assert tree(space) == before
 
 
 @pytest.mark.parametrize("command", [["status"], ["list"], ["show", "1"]])

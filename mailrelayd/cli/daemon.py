@@ -11,7 +11,7 @@ import sys
 from mailrelayd import __version__, privileges
 from mailrelayd.cli.options import Parser, add_config_options, fail, parse_and_load
 from mailrelayd.compose import configure_log, make_queue, make_relay, make_transport
-from mailrelayd.config import Config, ConfigError, expand
+from mailrelayd.config import Config, ConfigError, expand, glob_problem
 from mailrelayd.log import get_logger
 from mailrelayd.privileges import PrivilegeError
 from mailrelayd.queuelock import QueueLock
@@ -96,14 +96,19 @@ def _relay(args: argparse.Namespace, config: Config, progress: bool, pidfile: Qu
                       note="messages stay queued and are retried until it can be run")
     privileges.warn_if_root(log)
     if args.drain:
-        return _drain(queues, log, progress)
+        return _drain(queues, log, progress, [p for q in config.queue_configs if (p := glob_problem(q))])
     return _serve(args, config, log, pidfile)
 
 
-def _drain(queues: list[Config], log, progress: bool) -> int:
-    """One pass over every queue, one after the other; the worst exit status."""
+def _drain(queues: list[Config], log, progress: bool, unlisted: list[str]) -> int:
+    """One pass over every queue, one after the other; the worst exit status (66 if a glob's
+    directory could not be listed: `unlisted`, the problems)."""
     relays = [make_relay(q) for q in queues]
-    if not relays:
+    total = DrainReport()
+    for problem in unlisted:
+        log.error("queue_unavailable", error=problem)
+        total.add(DrainReport(queue_error=problem))
+    if not relays and not unlisted:
         log.warning("no_queues_found", note="no file matches the configured glob")
 
     def stop(*_) -> None:
@@ -119,7 +124,6 @@ def _drain(queues: list[Config], log, progress: bool) -> int:
         size = shutil.get_terminal_size()  # 80x24 for a terminal of unknown size (tqdm would show nothing)
         bar = tqdm(total=sum(relay.pending() or 0 for relay in relays), unit="msg", delay=1.0, file=sys.stderr,
                    leave=False, ncols=size.columns, nrows=size.lines)
-    total = DrainReport()
     try:
         for relay in relays:
             try:

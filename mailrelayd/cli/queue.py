@@ -17,7 +17,7 @@ import time
 
 from mailrelayd.cli.options import QUEUE_KEYS, Parser, add_config_options, become_user, fail, parse_and_load
 from mailrelayd.compose import make_queue
-from mailrelayd.config import Config, expand, is_glob, parse_duration
+from mailrelayd.config import Config, expand, glob_problem, is_glob, parse_duration
 from mailrelayd.message import MalformedMessage, header_block, read_envelope
 from mailrelayd.queuelock import holder_note, holder_pid
 from mailrelayd.queues import Entry, Queue, QueueError
@@ -84,7 +84,7 @@ def main(command: str, argv: list[str]) -> int:
     now = time.time()
     if config.queues or is_glob(config.queue_path):
         if command == "status":
-            return _status_all(expand(config), args, now)
+            return _status_all(expand(config), args, now, [p for q in config.queue_configs if (p := glob_problem(q))])
         return fail(f"{command} works on one queue: name it with --db or --spool", os.EX_USAGE)
     queue = make_queue(config)
     try:
@@ -110,10 +110,13 @@ def status(queue: Queue, args, now: float, config: Config) -> int:
     return 0
 
 
-def _status_all(queues: list[Config], args, now: float) -> int:
+def _status_all(queues: list[Config], args, now: float, unlisted: list[str]) -> int:
     """`status` of several queues ([[queue]] tables, or a glob): each queue's report under
-    `queues`, and the totals. Exit 66 if any queue could not be read (the others are shown)."""
-    reports, unreadable = [], False
+    `queues`, and the totals. Exit 66 if any queue, or a glob's directory (`unlisted`, the
+    problems), could not be read (the others are shown)."""
+    reports, unreadable = [], bool(unlisted)
+    for problem in unlisted:
+        fail(clean(problem), os.EX_NOINPUT)
     for config in queues:
         queue = make_queue(config)
         try:

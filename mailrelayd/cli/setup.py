@@ -19,7 +19,7 @@ from pathlib import Path
 from mailrelayd import checks, privileges
 from mailrelayd.cli.options import Parser, add_config_options, fail, parse_and_load
 from mailrelayd.compose import configure_log, make_queue, make_relay
-from mailrelayd.config import PROCESS_KEYS, Config, ConfigError, expand, is_glob
+from mailrelayd.config import PROCESS_KEYS, Config, ConfigError, expand, glob_problem, is_glob
 from mailrelayd.inject import enqueue, is_plain_address
 from mailrelayd.log import get_logger
 from mailrelayd.notice import probe_message
@@ -103,6 +103,7 @@ def check_config(config: Config) -> int:
         if is_glob(table.queue_path):
             matches = [q.queue_path for q in expand(replace(config, queues=(table,)))]
             print(clean(f"# matches now: {', '.join(map(str, matches)) or 'nothing (picked up when it appears)'}"))
+    problems += [p for q in config.queue_configs if (p := glob_problem(q))]
     for queue in expand(config):
         problems += [p for p in checks.transport_problems(queue) + checks.queue_problems(queue) if p not in problems]
     for problem in problems:

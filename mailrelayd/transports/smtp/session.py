@@ -47,7 +47,8 @@ def _tls_context(settings: SmtpSettings) -> ssl.SSLContext:
         try:
             context.load_verify_locations(cafile=settings.ca_file)
         except (OSError, ssl.SSLError) as e:
-            raise SmtpSettingsError(f"cannot load smtp_ca_file {settings.ca_file}: {e}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise SmtpSettingsError(f"cannot load smtp_ca_file {settings.ca_file}: {why}") from None
     if settings.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
