@@ -31,19 +31,29 @@ def attempt(msg: QueuedMessage, transport: Transport, *, envelope_from: str = "h
     permanent failure, never handed on."""
     started = time.perf_counter()
     try:
-        if msg.envelope:
-            envelope = replace(explicit_envelope(msg.data, *msg.envelope), remaining=msg.partial)
-        else:
-            envelope = read_envelope(msg.data)
+        envelope = envelope_of(msg.data, msg.envelope, envelope_from=envelope_from, partial=msg.partial)
     except MalformedMessage as e:
         return Attempt(msg, None, PermanentFailure(str(e)), 0.0)
     if len(envelope.recipients) > max_recipients:
         return Attempt(msg, envelope, PermanentFailure(
             f"{len(envelope.recipients)} recipients, over max_recipients ({max_recipients})"), 0.0)
-    if envelope_from != "header":
-        envelope = replace(envelope, sender=None if envelope_from == "none" else envelope_from)
     try:
         outcome = transport.deliver(msg.data, envelope)
     except Exception as e:  # noqa: BLE001 -- a transport bug must never lose the message
         outcome = TemporaryFailure(f"internal error in transport: {e!r}", setup_error=True)
     return Attempt(msg, envelope, outcome, (time.perf_counter() - started) * 1000)
+
+
+def envelope_of(data: bytes, recorded: tuple[str, tuple[str, ...]] | None, *, envelope_from: str = "header",
+                partial: bool = False) -> Envelope:
+    """The envelope a delivery of `data` goes with: the `recorded` (sender, recipients), else
+    the header's; the sender as `envelope_from` says (header: the message's own; none: no
+    sender passed on, None; else that address). MalformedMessage if there is none. `show`
+    and `list` print it too, so that they say what a delivery uses."""
+    if recorded:
+        envelope = replace(explicit_envelope(data, *recorded), remaining=partial)
+    else:
+        envelope = read_envelope(data)
+    if envelope_from != "header":
+        envelope = replace(envelope, sender=None if envelope_from == "none" else envelope_from)
+    return envelope

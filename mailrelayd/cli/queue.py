@@ -15,10 +15,11 @@ import signal
 import sys
 import time
 
+from mailrelayd.attempt import envelope_of
 from mailrelayd.cli.options import QUEUE_KEYS, Parser, add_config_options, become_user, fail, parse_and_load
 from mailrelayd.compose import make_queue
 from mailrelayd.config import Config, expand, glob_problem, is_glob, parse_duration
-from mailrelayd.message import MalformedMessage, header_block, read_envelope
+from mailrelayd.message import MalformedMessage, header_block
 from mailrelayd.queuelock import holder_note, holder_pid
 from mailrelayd.queues import Entry, Queue, QueueError
 from mailrelayd.terminal import age, clean, one_line, when
@@ -69,7 +70,8 @@ def parser(command: str) -> argparse.ArgumentParser:
         what.add_argument("--sentlog", action="store_true", help="delete sentlog rows (or kept sent files)")
         p.add_argument("--older-than", type=_duration, metavar="DURATION",
                        help="only what is older than this (30d, 12h)")
-    add_config_options(p, QUEUE_KEYS + (() if command in READ_ONLY else ("allow_root",)))
+    shown = ("envelope_from",) if command in ("list", "show") else ()  # the sender they print is the one used
+    add_config_options(p, QUEUE_KEYS + shown + (() if command in READ_ONLY else ("allow_root",)))
     return p
 
 
@@ -89,9 +91,7 @@ def main(command: str, argv: list[str]) -> int:
     queue = make_queue(config)
     try:
         queue.open()
-        if command == "status":
-            return status(queue, args, now, config)
-        return _COMMANDS[command](queue, args, now)
+        return _COMMANDS[command](queue, args, now, config)
     except QueueError as e:
         return fail(clean(str(e)), os.EX_NOINPUT)
     finally:
@@ -205,36 +205,36 @@ def _print_status(report: dict, now: float) -> None:
 # -- list and show -------------------------------------------------------------------------
 
 
-def list_(queue: Queue, args, now: float) -> int:
+def list_(queue: Queue, args, now: float, config: Config) -> int:
     states = ({"failed"} if args.failed else {"refused"} if args.refused else {"deferred"} if args.deferred
               else {"new", "deferred"})
     entries = queue.entries(states, now)
     if args.json:
         for e in entries:
-            print(json.dumps(_as_json(e, now)))
+            print(json.dumps(_as_json(e, config)))
         return 0
     print("ID  AGE  SIZE  SENDER  RECIPIENTS  ATTEMPTS  " + ("REASON" if states & {"failed", "refused"}
                                                              else "LAST ERROR"))
     for e in entries:
-        sender, recipients = _envelope(e)
+        sender, recipients = _envelope(e, config)
         last = e.reason if e.state in ("failed", "refused") else e.last_error
-        print(clean(f"{e.id}  {age(now - e.first_seen if e.first_seen else None)}  {e.size}  {sender or '<>'}"
+        print(clean(f"{e.id}  {age(now - e.first_seen if e.first_seen else None)}  {e.size}  {_sender(sender)}"
                     f"  {','.join(recipients) or '-'}  attempts={e.attempts}  {one_line(last)}"))
     print(f"-- {len(entries)} message{'s' if len(entries) != 1 else ''}")
     return 0
 
 
-def show(queue: Queue, args, now: float) -> int:
+def show(queue: Queue, args, now: float, config: Config) -> int:
     e = queue.find(args.id, now)
     if e is None:
         return fail(f"no message {clean(args.id)} in {clean(queue.name)}", 1)
-    sender, recipients = _envelope(e)
+    sender, recipients = _envelope(e, config)
     # the header's line breaks and tabs as they are; a lone CR, ESC or a byte that is not UTF-8 escaped
     print(clean(header_block(e.data).decode("utf-8", "surrogateescape").replace("\r\n", "\n"), keep="\n\t"))
     print()
     history = [
         ("id", e.id), ("state", e.state), ("size", str(e.size)),
-        ("envelope_from", sender or "<>"), ("recipients", ", ".join(recipients) or "-"),
+        ("envelope_from", _sender(sender, long=True)), ("recipients", ", ".join(recipients) or "-"),
         ("attempts", str(e.attempts)), ("first_seen", when(e.first_seen)), ("last_try", when(e.last_try)),
     ]
     if e.state in ("failed", "refused"):
@@ -247,23 +247,30 @@ def show(queue: Queue, args, now: float) -> int:
     return 0
 
 
-def _envelope(e: Entry) -> tuple[str | None, tuple[str, ...]]:
-    """(sender, recipients): as recorded with the message, else as its header says."""
-    sender, recipients = e.sender, e.recipients
-    if sender is None or recipients is None:
-        try:
-            envelope = read_envelope(e.data)
-        except MalformedMessage:
-            pass
-        else:
-            sender = envelope.sender or envelope.from_address if sender is None else sender
-            recipients = envelope.recipients if recipients is None else recipients
-    return sender, recipients or ()
+def _envelope(e: Entry, config: Config) -> tuple[str | None, tuple[str, ...]]:
+    """(sender, recipients) that a delivery of `e` goes with under `config`, as the relay
+    works them out (mailrelayd.attempt.envelope_of, then smtp_from over SMTP): the sender
+    "" is the null sender, None none passed on (sendmail's own default then). A message
+    that cannot be read as one: what was recorded with it."""
+    recorded = (e.sender or "", e.recipients) if e.recipients else None
+    try:
+        envelope = envelope_of(e.data, recorded, envelope_from=config.envelope_from)
+    except MalformedMessage:
+        return e.sender or None, e.recipients or ()
+    if config.smtp.server:  # MAIL FROM: smtp_from, else the sender, else the null sender
+        return config.smtp.envelope_from or envelope.sender or "", envelope.recipients
+    return envelope.sender, envelope.recipients
 
 
-def _as_json(e: Entry, now: float) -> dict:
+def _sender(sender: str | None, long: bool = False) -> str:
+    if sender is None:
+        return "none passed on (no -f: sendmail's own default)" if long else "-"
+    return sender or "<>"
+
+
+def _as_json(e: Entry, config: Config) -> dict:
     """One message as `list --json` prints it (compare postqueue -j)."""
-    sender, recipients = _envelope(e)
+    sender, recipients = _envelope(e, config)
     return {"id": e.id, "state": e.state, "size": e.size, "sender": sender, "recipients": list(recipients),
             "attempts": e.attempts, "first_seen": e.first_seen, "last_try": e.last_try, "next_try": e.next_try,
             "last_error": e.last_error, "reason": e.reason, "failed_at": e.failed_at}
@@ -272,7 +279,7 @@ def _as_json(e: Entry, now: float) -> dict:
 # -- retry and purge -----------------------------------------------------------------------
 
 
-def retry(queue: Queue, args, now: float) -> int:
+def retry(queue: Queue, args, now: float, config: Config) -> int:
     if args.all == bool(args.ids):
         return fail("retry needs message ids or --all" if not args.all else "give message ids or --all, not both",
                     os.EX_USAGE)
@@ -296,7 +303,7 @@ def retry(queue: Queue, args, now: float) -> int:
     return 1 if missing else 0
 
 
-def purge(queue: Queue, args, now: float) -> int:
+def purge(queue: Queue, args, now: float, config: Config) -> int:
     if not (args.failed or args.refused or args.sentlog):
         return fail("purge needs --failed, --refused or --sentlog", os.EX_USAGE)
     if args.ids and not args.failed:
@@ -348,4 +355,4 @@ def _duration(value: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-_COMMANDS = {"list": list_, "show": show, "retry": retry, "purge": purge}
+_COMMANDS = {"status": status, "list": list_, "show": show, "retry": retry, "purge": purge}

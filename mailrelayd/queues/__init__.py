@@ -85,7 +85,7 @@ class Entry:
     read. `sender` and `recipients` are those recorded with the message (by the injector,
     or after a partial send: who is still to get it, or never got it), else None.
     `origin` is the id it had while queued, for a message whose id changed when it was set
-    aside.
+    aside. A failed message's `last_try` is its `failed_at`: the try that failed it.
     """
 
     id: str

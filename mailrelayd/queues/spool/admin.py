@@ -60,10 +60,11 @@ def entries(queue: SpoolQueue, states: set[str], now: float, only: str | None = 
             data, size, sender, recipients = read[:4] if read else (b"", st.st_size, None, None)
             recipients = _addresses(reason.get("recipients", "").split(",")) or recipients
             marked = state.lstat(where, f"{name}.reason")
+            failed_at = number(reason.get("failed_at")) or (marked or st).st_mtime
             found.append(Entry(name, kind, data, size, sender, recipients,
                                int(number(reason.get("attempts")) or 0), number(reason.get("first_seen")),
-                               reason=reason.get("reason", "?"),
-                               failed_at=number(reason.get("failed_at")) or (marked or st).st_mtime))
+                               last_try=failed_at if kind == "failed" else None,  # the try that failed it
+                               reason=reason.get("reason", "?"), failed_at=failed_at))
     return found
 
 

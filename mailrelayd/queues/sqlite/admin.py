@@ -63,11 +63,12 @@ def entries(conn: sqlite3.Connection, path: Path, states: Collection[str], now: 
         where, params = ("WHERE id = ?", [only[1:]]) if only is not None else ("", [])
         for row in db.query(f"{_FAILED} {where} ORDER BY id", params):
             data, size = body("mailrelayd_failed", row["id"])
-            emailid = row["emailid"]
+            emailid, failed_at = row["emailid"], stored.number(row["failed_at"])
             found.append(Entry(f"F{row['id']}", "failed", data, size, recipients=_recipients(row["recipients"]),
                                attempts=_count(row["attempts"]), first_seen=stored.number(row["first_seen"]),
+                               last_try=failed_at,  # the try that failed it
                                last_error=_text(row["last_error"]), reason=_text(row["reason"]) or "?",
-                               failed_at=stored.number(row["failed_at"]),
+                               failed_at=failed_at,
                                origin=str(emailid) if isinstance(emailid, int) else None))
     return found
 
