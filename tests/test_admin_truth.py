@@ -91,3 +91,21 @@ def test_show_names_smtp_from_over_smtp(queue_harness, admin, tmp_path):
     [ident] = ids(admin(queue_harness, "list"))
     assert history(admin(queue_harness, "show", ident, "--config", str(config)).stdout)["envelope_from"] == \
         "relay@example.net"
+
+
+def test_retry_of_a_message_already_due_is_success(queue_harness, admin):
+    """retry ID of a message that is due already (queued, never tried) says so and exits 0."""
+    queue_harness.enqueue(fossil_message())
+    [ident] = ids(admin(queue_harness, "list"))
+    result = admin(queue_harness, "retry", ident)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{ident}: already due\n", "")
+
+
+def test_retry_of_a_failed_message_without_failed_exits_1(queue_harness, fake_sendmail, admin):
+    """retry ID (without --failed) of a failed message is not "already due": it says there is no such deferred
+    message and exits 1."""
+    queue_harness.enqueue(fossil_message())
+    drain(queue_harness, fake_sendmail, 65)
+    [ident] = ids(admin(queue_harness, "list", "--failed"))
+    result = admin(queue_harness, "retry", ident)
+    assert result.returncode == 1 and f"no deferred message {ident}" in result.stderr

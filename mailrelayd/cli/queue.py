@@ -293,9 +293,15 @@ def retry(queue: Queue, args, now: float, config: Config) -> int:
         done = queue.make_due(ids, now)
         for ident in done:
             print(clean(f"{ident}: due now"))
-    missing = [i for i in ids or [] if i not in done and i.upper() not in done]
-    for ident in missing:
-        fail(f"no {'failed' if args.failed else 'deferred'} message {clean(ident)}", 1)
+    missing = []
+    for ident in (i for i in ids or [] if i not in done and i.upper() not in done):
+        found = None if args.failed else queue.find(ident, now)
+        if found is not None and found.state == "new":  # what retry asks for is so already
+            print(clean(f"{ident}: already due"))
+            done.append(ident)
+        else:
+            missing.append(ident)
+            fail(f"no {'failed' if args.failed else 'deferred'} message {clean(ident)}", 1)
     if not done and args.all:
         print("nothing to retry")
     if done:
