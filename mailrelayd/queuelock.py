@@ -73,11 +73,14 @@ class QueueLock:
 def holder_pid(path: Path) -> int | None:
     """The pid of the process holding the lock at `path` (0 if it wrote none), or None if
     nobody holds it or there is no file. Probed with a shared lock: for that instant a
-    relay starting would find the lock taken."""
+    relay starting would find the lock taken. A file this user may not read (a monitoring
+    user's `status`): the holder /proc/locks names for it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except PermissionError:
+        return _holder_in_proc_locks(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -100,6 +103,23 @@ def holder_note(path: Path) -> str | None:
         return os.pread(fd, 256, 0).decode("ascii", "replace").partition("\n")[2].strip()
     finally:
         os.close(fd)
+
+
+def _holder_in_proc_locks(path: Path) -> int | None:
+    """The pid of the process holding a flock on the file at `path`, as /proc/locks gives it
+    (`1: FLOCK  ADVISORY  WRITE PID MAJOR:MINOR:INODE 0 EOF`, device numbers in hex), or None."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for fields in map(str.split, lines):
+        if "FLOCK" in fields and file_id in fields and "->" not in fields:  # "->": a waiter, not the holder
+            pid = fields[fields.index(file_id) - 1]
+            return int(pid) if pid.isdigit() else 0
+    return None
 
 
 def _read_pid(fd: int) -> int:

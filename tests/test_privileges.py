@@ -7,10 +7,8 @@ kernel says of the relay and of its sendmail children (/proc/PID/status).
 
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -185,13 +183,18 @@ def test_admin_commands_that_read_run_as_root(command, space, relay_user):
 
 
 def test_admin_command_with_user_reads_as_user(space, relay_user, python):
-    """`list --user U` as root reads as U: the spool's state it creates belongs to U, not to root."""
-    harness = _harness("spool", space, relay_user)
+    """`list --user U` as root reads as U: a spool only root may enter is refused (66, one line) with --user U,
+    while root alone lists it; neither creates anything (they only read: see test_monitoring.py)."""
+    harness = SpoolHarness(space / "run")
+    harness.path.chmod(0o700)
     harness.enqueue(fossil_message())
-    result = run_cli("list", *harness.cli_args, "--user", relay_user.pw_name, python=python)
-    assert result.returncode == 0, result.stderr
-    assert harness.state.stat().st_uid == relay_user.pw_uid
-    assert set(_owners(harness.state).values()) == {relay_user.pw_uid}
+    before = tree(space)
+    as_user = run_cli("list", *harness.cli_args, "--user", relay_user.pw_name, python=python)
+    assert as_user.returncode == 66, as_user.stderr
+    assert as_user.stderr.splitlines() == [f"mailrelayd: {harness.path}: Permission denied"]
+    as_root = run_cli("list", *harness.cli_args, add_allow_root=False)
+    assert as_root.returncode == 0 and "bob@example.com" in as_root.stdout, as_root.stderr
+    assert tree(space) == before
 
 
 def test_test_message_with_user_queues_as_user(space, relay_user, python):

@@ -90,7 +90,7 @@ def main(command: str, argv: list[str]) -> int:
         return fail(f"{command} works on one queue: name it with --db or --spool", os.EX_USAGE)
     queue = make_queue(config)
     try:
-        queue.open()
+        queue.open(read_only=command in READ_ONLY)
         return _COMMANDS[command](queue, args, now, config)
     except QueueError as e:
         return fail(clean(str(e)), os.EX_NOINPUT)
@@ -120,7 +120,7 @@ def _status_all(queues: list[Config], args, now: float, unlisted: list[str]) -> 
     for config in queues:
         queue = make_queue(config)
         try:
-            queue.open()
+            queue.open(read_only=True)
             reports.append(_report(queue, now, config))
         except QueueError as e:
             fail(clean(str(e)), os.EX_NOINPUT)

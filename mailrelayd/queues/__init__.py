@@ -111,7 +111,11 @@ class Queue(Protocol):
     sent_record: str | None  # what it keeps of sent mail ("sentlog rows", "sent messages"), or None
     refused: int  # entries this queue object has refused unread so far
 
-    def open(self) -> None: ...
+    def open(self, read_only: bool = False) -> None:
+        """Open the queue (creating what the relay keeps beside it); `read_only`: only to
+        look (stats, entries, find, sent_times), creating and writing nothing, with no
+        need for write access; what is missing reads as empty."""
+        ...
 
     def notice(self, kind: str, path: str) -> bool:
         """Called on the watcher's thread for each file event in `watch_dir` (kind:

@@ -81,9 +81,10 @@ class SpoolQueue:
 
     # -- opening -----------------------------------------------------------------
 
-    def open(self) -> None:
-        """Open the spool, then the state directories (created if missing, on its file system)."""
-        self.state.open()
+    def open(self, read_only: bool = False) -> None:
+        """Open the spool, then the state directories (created if missing, on its file system;
+        `read_only`: only those there, to look: see SpoolState.open)."""
+        self.state.open(read_only)
 
     def close(self) -> None:
         for held in self._held.values():

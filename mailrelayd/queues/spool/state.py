@@ -43,17 +43,24 @@ class SpoolState:
         self.spool = spool
         self.root = root
         self._fds: dict[str, int] = {}
+        self._absent: set[str] = set()  # opened read-only: state directories not there (read as empty)
 
     # -- opening -------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, read_only: bool = False) -> None:
         """Open the spool, then create what is missing of the state and open it, refusing
-        links and another file system than the spool's (moves between them are renames)."""
+        links and another file system than the spool's (moves between them are renames).
+        `read_only`: open what is there of the state, create nothing, and read what is
+        missing as empty (the state may belong to another user: only the relay writes)."""
         if self._fds:
             return
         fds: dict[str, int] = {}
         try:
             fds[SPOOL] = spool_fd = os.open(self.spool, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if read_only:
+                self._absent = self._open_to_read(fds)
+                self._fds = fds
+                return
             parent = self.root.parent.stat()
             try:
                 existing = os.lstat(self.root)
@@ -87,10 +94,24 @@ class SpoolState:
             raise
         self._fds = fds
 
+    def _open_to_read(self, fds: dict[str, int]) -> set[str]:
+        """Open the state directories that are there into `fds`; the names of those that are not."""
+        try:
+            fds[ROOT] = _open_dir(str(self.root))
+        except FileNotFoundError:
+            return set(SUBDIRS)
+        absent = set()
+        for sub in SUBDIRS:
+            try:
+                fds[sub] = _open_dir(sub, fds[ROOT], f"{self.root}/{sub}")
+            except FileNotFoundError:
+                absent.add(sub)
+        return absent
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
-        self._fds = {}
+        self._fds, self._absent = {}, set()
 
     def fd(self, sub: str) -> int:
         """The descriptor of SPOOL or of a state subdirectory."""
@@ -102,9 +123,13 @@ class SpoolState:
 
     def names(self, sub: str) -> list[str]:
         """The entries of `sub`, dot files left out, in name order."""
+        if sub in self._absent:
+            return []
         return sorted(n for n in os.listdir(self.fd(sub)) if not n.startswith("."))
 
     def lstat(self, sub: str, name: str) -> os.stat_result | None:
+        if sub in self._absent:
+            return None
         try:
             return os.stat(name, dir_fd=self.fd(sub), follow_symlinks=False)
         except FileNotFoundError:
@@ -116,6 +141,8 @@ class SpoolState:
     def read(self, sub: str, name: str, limit: int) -> bytes | None:
         """The bytes of a regular file here (at most `limit`), never through a link; None if
         there is no such file."""
+        if sub in self._absent:
+            return None
         try:
             fd = os.open(name, READ_FLAGS, dir_fd=self.fd(sub))
         except (FileNotFoundError, OSError):
@@ -238,7 +265,7 @@ def _open_dir(name: str, dir_fd: int | None = None, shown: str | None = None) ->
         if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a link or a file where a directory belongs
             raise QueueError(f"{shown or name}: not a directory (a link or a file is in its place);"
                              " move it away") from None
-        raise
+        raise type(e)(e.errno, e.strerror, shown or name) from None  # named in full in the error line
 
 
 def _one_line(text: str) -> str:

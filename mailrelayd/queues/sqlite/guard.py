@@ -55,6 +55,15 @@ def check_file(path: Path) -> os.stat_result:
     return st
 
 
+def inode(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path` now (links followed), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def check_opened(conn: sqlite3.Connection, path: Path, expected: os.stat_result, resolved: str) -> None:
     """QueueError unless SQLite opened the file that was checked: the file it names (with
     links resolved) is the path as resolved before, and the path still is the same file

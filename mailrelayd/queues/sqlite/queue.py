@@ -33,7 +33,7 @@ from pathlib import Path
 from mailrelayd.log import get_logger
 from mailrelayd.message import Envelope, date_header
 from mailrelayd.queues import Entry, QueuedMessage, QueueError, QueueStats, owner_is_gone, owner_token, stored
-from mailrelayd.queues.sqlite import admin, guard
+from mailrelayd.queues.sqlite import admin, guard, reader
 from mailrelayd.queues.sqlite import schema as sql
 from mailrelayd.throttle import Throttle
 
@@ -74,8 +74,9 @@ class SqliteQueue:
 
     # -- opening -----------------------------------------------------------------
 
-    def open(self) -> None:
-        """Open the file (never create it), check it, set WAL and create what is missing.
+    def open(self, read_only: bool = False) -> None:
+        """Open the file (never create it), check it, set WAL and create what is missing;
+        `read_only`: only look, as reader.py says (create and write nothing at all).
 
         The file must be a regular file with one link, the very file SQLite opened, with
         nothing in it but Fossil's, the Tcl script's and our own tables (guard.py); else
@@ -92,13 +93,15 @@ class SqliteQueue:
         deadline = time.monotonic() + BUSY_TIMEOUT
         conn = None
         try:
-            conn = sqlite3.connect(self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None,
-                                   timeout=BUSY_TIMEOUT)
+            conn = reader.connect(self.path, BUSY_TIMEOUT) if read_only else sqlite3.connect(
+                self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT)
             guard.check_opened(conn, self.path, expected, resolved)
             guard.harden(conn, self.max_size + PEEK, self._over)
             with self._deadline_for(conn):
                 guard.check_schema(conn, self.path)
-            while True:
+                if read_only:
+                    reader.stand_in(conn)
+            while not read_only:
                 try:
                     with self._deadline_for(conn):
                         self._set_up(conn)
@@ -114,18 +117,17 @@ class SqliteQueue:
                 raise
             if "not a database" in str(e):
                 raise QueueError(f"{self.path}: not a SQLite database") from None
-            raise QueueError(f"{self.path}: {self._why(e)}") from None
+            raise QueueError(f"{self.path}: {reader.why(self.path, e) if read_only else self._why(e)}") from None
         self._conn = conn
         self._inode = (expected.st_dev, expected.st_ino)
         self._schema_version = conn.execute("PRAGMA schema_version").fetchone()[0]
-        with self._errors():
-            self._forget_stale(everywhere=True)
+        if not read_only:
+            with self._errors():
+                self._forget_stale(everywhere=True)
 
     def _set_up(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
-            self.journal_mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
-        else:
-            self.journal_mode = "wal"
+        mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+        self.journal_mode = mode if mode == "wal" else conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
         conn.execute("PRAGMA synchronous=NORMAL")
         sql.create_schema(conn, self.path)
 
@@ -146,7 +148,7 @@ class SqliteQueue:
     # -- claim and acknowledge ----------------------------------------------------
 
     def claim(self, now: float, limit: int) -> list[QueuedMessage]:
-        if self._path_inode() != self._inode:  # the file was replaced: follow the path
+        if guard.inode(self.path) != self._inode:  # the file was replaced: follow the path
             self.close()
             self.open()
         self._repaired.flush()
@@ -319,13 +321,6 @@ class SqliteQueue:
         return [float(t) for (t,) in rows if isinstance(t, int | float)]
 
     # -- helpers ----------------------------------------------------------------
-
-    def _path_inode(self) -> tuple[int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino)
 
     def _recheck_schema(self) -> None:
         """The schema again, if anyone changed it since we looked (a trigger added later)."""
