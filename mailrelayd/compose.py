@@ -33,15 +33,16 @@ def make_queue(config: Config) -> Queue:
 
 def make_transport(config: Config) -> Transport:
     """The configured transport; ConfigError if it cannot work as configured."""
+    encode = config.utf8_headers == "encode"
     if config.maildir:
-        return MaildirTransport(config.maildir)
+        return MaildirTransport(config.maildir, encode_utf8=encode)
     if not config.smtp.server:
-        return PipeTransport(config.command, config.timeout, config.permanent_exit_codes)
+        return PipeTransport(config.command, config.timeout, config.permanent_exit_codes, encode_utf8=encode)
     try:
         # One connection per delivery in flight: the pool follows the relay's concurrency.
         connections = config.max_workers if config.workers == "auto" else int(config.workers)
         return SmtpTransport(config.smtp, password=config.smtp.read_password(), message_timeout=config.timeout,
-                             max_connections=connections)
+                             max_connections=connections, encode_utf8=encode)
     except SmtpSettingsError as e:
         raise ConfigError(str(e)) from None
 

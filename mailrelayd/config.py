@@ -45,6 +45,7 @@ class Config:
     spool_owner: int | None = None
     command: tuple[str, ...] = ("/usr/sbin/sendmail", "-ti")
     maildir: Path | None = None
+    utf8_headers: str = "encode"
     smtp: SmtpSettings = field(default_factory=SmtpSettings)  # the smtp_* keys, use_tls and use_short_addr
     workers: int | str = "auto"
     max_workers: int = 32
@@ -110,6 +111,9 @@ OPTIONS = [
     Option("command", values.command, "CMD", "sendmail-compatible command, split like a shell but not run by one"
            " (default: '/usr/sbin/sendmail -ti')"),
     Option("maildir", values.path, "DIR", "deliver into this local Maildir instead of running a command"),
+    Option("utf8_headers", values.choice("encode", "keep"), "MODE", "header text that is not ASCII: encode (as RFC"
+           " 2047 encoded-words, the default) or keep (pass the bytes as they are); over SMTP to a server that"
+           " offers SMTPUTF8 the bytes are kept"),
     *SMTP_OPTIONS,
     Option("workers", values.workers, "N", "deliveries run at once: a number, or auto (the default) to find it as"
            " it goes, up to max_workers"),

@@ -47,7 +47,8 @@ def encode_headers(data: bytes) -> bytes:
     """`data` with the header text that is not ASCII as encoded-words (see the module's text)."""
     if header_block(data).isascii():
         return data
-    out, pos = [], 0
+    out: list[bytes] = []
+    pos = 0
     while pos < len(data):
         end = data.find(b"\n", pos)
         stop = len(data) if end < 0 else end + 1

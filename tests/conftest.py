@@ -125,6 +125,18 @@ def fossil_message(to: str = "bob@example.com", subject: str = "Hello", body: st
     ).encode()
 
 
+def utf8_message(to: str = "Zo\u00eb <zoe@example.com>") -> bytes:
+    """A message as Fossil writes one for a user with a name that is not ASCII: raw UTF-8 in the
+    Subject and the display names (UTF8_ENCODED is its header as encoded-words), and in the body."""
+    return (f"To: {to}\r\nSubject: Caf\u00e9 \u00fcber alles\r\n"
+            'From: "J\u00f6rg M\u00fcller" <noreply@example.org>\r\nMIME-Version: 1.0\r\n\r\nCaf\u00e9.\r\n').encode()
+
+
+UTF8_ENCODED = (b"To: =?utf-8?q?Zo=C3=AB?= <zoe@example.com>\r\nSubject: =?utf-8?b?Q2Fmw6kgw7xiZXI=?= alles\r\n"
+                b"From: =?utf-8?b?SsO2cmcgTcO8bGxlcg==?= <noreply@example.org>\r\nMIME-Version: 1.0\r\n\r\n"
+                b"Caf\xc3\xa9.\r\n")
+
+
 class SqliteHarness:
     """A Fossil emailqueue.db on disk, with helpers to fill and inspect it."""
 

@@ -89,6 +89,19 @@ def test_bad_queue_tables_are_refused_with_one_line(values, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_utf8_headers_is_encode_unless_a_queue_keeps_the_bytes():
+    """utf8_headers is encode by default, and a [[queue]] table may set keep for its queue alone."""
+    config = build({"queue": [{"db": "/a.db"}, {"db": "/b.db", "utf8_headers": "keep"}]}, {})
+    assert [q.utf8_headers for q in config.queue_configs] == ["encode", "keep"]
+
+
+def test_bad_utf8_headers_exits_78_with_one_line(tmp_path):
+    """A utf8_headers that is neither encode nor keep is refused at start with one line and exit status 78."""
+    result = run_cli("--drain", "--db", str(tmp_path / "q.db"), "--utf8-headers", "raw")
+    assert result.returncode == 78 and result.stderr.count("\n") == 1
+    assert "bad value for --utf8-headers ('raw'): expected one of encode, keep" in result.stderr
+
+
 def test_a_glob_expands_to_the_queues_that_exist_now(tmp_path):
     """db = "/srv/jails/*/emailqueue.db" stands for each matching file, in order."""
     for jail in ("b", "a"):

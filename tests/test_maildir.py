@@ -5,7 +5,7 @@ from dataclasses import replace
 from mailrelayd.message import explicit_envelope, read_envelope, to_lf
 from mailrelayd.outcome import Sent
 from mailrelayd.transports.maildir import MaildirTransport
-from conftest import fossil_message
+from conftest import UTF8_ENCODED, fossil_message, run_cli, utf8_message
 
 
 def deliver(tmp_path, data: bytes, envelope) -> bytes:
@@ -31,6 +31,20 @@ def test_recipients_given_beside_the_message_are_shown(tmp_path):
     assert written.startswith(b"Return-Path: <trac@example.org>\n"
                               b"X-Original-To: alice@example.org\nDelivered-To: alice@example.org\n"
                               b"X-Original-To: hidden@example.net\nDelivered-To: hidden@example.net\nTo: ")
+
+
+def test_header_text_that_is_not_ascii_is_shown_as_it_would_be_piped(tmp_path):
+    """By default the Maildir shows the Subject and display names as the encoded-words the pipe would hand on."""
+    written = deliver(tmp_path, utf8_message(), read_envelope(utf8_message()))
+    assert written.endswith(b"Delivered-To: zoe@example.com\n" + to_lf(UTF8_ENCODED))
+
+
+def test_utf8_headers_keep_from_the_command_line_shows_the_bytes_as_queued(sqlite_harness, tmp_path):
+    """`--utf8-headers keep` reaches the transport: a drain into a Maildir writes the header's bytes as queued."""
+    sqlite_harness.enqueue(utf8_message())
+    result = run_cli("--drain", *sqlite_harness.cli_args, "--maildir", str(tmp_path / "out"), "--utf8-headers", "keep")
+    [written] = (tmp_path / "out" / "new").iterdir()
+    assert result.returncode == 0 and written.read_bytes().endswith(b"\n" + to_lf(utf8_message()))
 
 
 def test_no_envelope_sender_writes_no_return_path(tmp_path):

@@ -6,18 +6,18 @@ import stat
 
 import pytest
 
-from mailrelayd.message import read_envelope
+from mailrelayd.message import read_envelope, to_lf
 from mailrelayd.outcome import PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.transports.pipe import PipeTransport
-from conftest import fossil_message, wait_until
+from conftest import UTF8_ENCODED, fossil_message, utf8_message, wait_until
 from mta import POSTFIX_SENDMAIL, postfix_instance, smtp_sink  # noqa: F401  (fixtures are used by name)
 
 PERMANENT = frozenset({65, 67})
 
 
-def deliver(fake_sendmail, data=None, timeout=10.0, command=None):
+def deliver(fake_sendmail, data=None, timeout=10.0, command=None, encode_utf8=True):
     data = data if data is not None else fossil_message()
-    transport = PipeTransport(command or (str(fake_sendmail.path), "-ti"), timeout, PERMANENT)
+    transport = PipeTransport(command or (str(fake_sendmail.path), "-ti"), timeout, PERMANENT, encode_utf8)
     return transport.deliver(data, read_envelope(data))
 
 
@@ -44,6 +44,20 @@ def test_invalid_utf8_and_nul_bytes_pass_byte_for_byte(fake_sendmail):
     data = b"To: a@x.org\n\n\xff\xfe\x00caf\xe9\n"
     assert isinstance(deliver(fake_sendmail, data), Sent)
     assert fake_sendmail.bodies() == [data]
+
+
+def test_header_text_that_is_not_ascii_reaches_the_command_as_encoded_words(fake_sendmail):
+    """By default the Subject and display names reach sendmail as encoded-words; the addresses, the
+    envelope, every ASCII field and the body are untouched."""
+    assert isinstance(deliver(fake_sendmail, utf8_message()), Sent)
+    assert fake_sendmail.bodies() == [to_lf(UTF8_ENCODED)]
+    assert fake_sendmail.calls()[0][0] == ["-ti", "-f", "noreply@example.org"]
+
+
+def test_keep_passes_header_text_that_is_not_ascii_as_it_is(fake_sendmail):
+    """With utf8_headers = keep the command gets the header's bytes as they were queued."""
+    deliver(fake_sendmail, utf8_message(), encode_utf8=False)
+    assert fake_sendmail.bodies() == [to_lf(utf8_message())]
 
 
 def test_tempfail_status_is_temporary(fake_sendmail):

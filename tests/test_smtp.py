@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import fossil_message, wait_until
+from conftest import UTF8_ENCODED, fossil_message, utf8_message, wait_until
 from mailrelayd.message import explicit_envelope, read_envelope
 from mailrelayd.outcome import PartlySent, PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.transports.smtp import SmtpSettings, SmtpSettingsError, SmtpTransport
@@ -164,7 +164,8 @@ def transports():
 
     def make(port: int, **kwargs) -> SmtpTransport:
         kwargs.setdefault("use_tls", "none")
-        arguments = {k: kwargs.pop(k) for k in ("password", "message_timeout", "max_connections") if k in kwargs}
+        arguments = {k: kwargs.pop(k) for k in ("password", "message_timeout", "max_connections", "encode_utf8")
+                     if k in kwargs}
         transport = SmtpTransport(SmtpSettings(server="127.0.0.1", port=port, helo="client.test", **kwargs),
                                   **arguments)
         made.append(transport)
@@ -295,6 +296,42 @@ def test_non_ascii_recipient_without_smtputf8_fails_only_that_recipient(serve, t
     assert isinstance(outcome, PartlySent) and outcome.accepted == ("bob@example.com",)
     assert [r for r, _ in outcome.permanent] == ["j\u00f6rg@example.org"] and not outcome.temporary
     assert server.mails[0].rcpt_tos == ("bob@example.com",)
+
+
+def test_utf8_header_goes_as_it_is_with_smtputf8_when_offered(serve, transports):
+    """To a server that offers SMTPUTF8, header text that is not ASCII goes as queued, with SMTPUTF8 on MAIL FROM."""
+    server = serve(smtputf8=True)
+    assert isinstance(send(transports(server.port), utf8_message()), Sent)
+    [mail] = server.mails
+    assert mail.data == utf8_message() and "SMTPUTF8" in mail.options
+
+
+def test_utf8_header_goes_as_encoded_words_to_a_server_without_smtputf8(serve, transports):
+    """To a server without SMTPUTF8, the Subject and display names go as encoded-words; addresses, ASCII fields
+    and the body are untouched."""
+    server = serve()
+    assert isinstance(send(transports(server.port), utf8_message()), Sent)
+    [mail] = server.mails
+    assert mail.data == UTF8_ENCODED and "SMTPUTF8" not in mail.options
+    assert (mail.mail_from, mail.rcpt_tos) == ("noreply@example.org", ("zoe@example.com",))
+
+
+def test_keep_sends_utf8_header_as_it_is_to_a_server_without_smtputf8(serve, transports):
+    """With utf8_headers = keep the header's bytes go as queued even to a server without SMTPUTF8."""
+    server = serve()
+    assert isinstance(send(transports(server.port, encode_utf8=False), utf8_message()), Sent)
+    [mail] = server.mails
+    assert mail.data == utf8_message() and "SMTPUTF8" not in mail.options
+
+
+def test_non_ascii_address_without_smtputf8_is_a_permanent_failure_saying_why(serve, transports):
+    """A message whose only recipient is not ASCII fails for good at a server without SMTPUTF8, which hears nothing."""
+    server = serve()
+    outcome = send(transports(server.port), utf8_message(to="J\u00f6rg <j\u00f6rg@example.org>"))
+    assert isinstance(outcome, PermanentFailure)
+    assert outcome.detail == ("j\u00f6rg@example.org: not sent: the address is not ASCII and "
+                              f"127.0.0.1:{server.port} does not offer SMTPUTF8")
+    assert server.mail_commands == 0
 
 
 # -- envelope options ------------------------------------------------------------------------

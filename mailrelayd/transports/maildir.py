@@ -1,7 +1,8 @@
 """Deliver into a local Maildir: write under tmp/, then rename into new/.
 
 For trying mailrelayd out without an MTA and for reading exactly what would have been
-sent. Messages are stored with local (LF) line endings, as Maildir readers expect, after
+sent (with `encode_utf8`, header text that is not ASCII as encoded-words, as the pipe
+does). Messages are stored with local (LF) line endings, as Maildir readers expect, after
 the lines a local delivery agent adds for the envelope: `Return-Path: <SENDER>` (none when
 no sender would be passed on) and `X-Original-To:` and `Delivered-To:` for each recipient.
 The envelope comes from a hostile queue: only plain addresses (`safe_address`) are
@@ -18,13 +19,15 @@ from pathlib import Path
 
 from mailrelayd.message import Envelope, safe_address, to_lf
 from mailrelayd.outcome import Outcome, Sent, TemporaryFailure
+from mailrelayd.utf8_headers import encode_headers
 
 
 class MaildirTransport:
     """Writes each message as one file in `root`/new, created with tmp/ and cur/."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, encode_utf8: bool = True):
         self.root = root
+        self.encode_utf8 = encode_utf8
         self._counter = itertools.count()
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
@@ -35,7 +38,7 @@ class MaildirTransport:
             name = f"{time.time_ns() // 1000}.P{os.getpid()}Q{next(self._counter)}.{self._host}"
             tmp = self.root / "tmp" / name
             with open(tmp, "xb") as f:
-                f.write(envelope_lines(envelope) + to_lf(data))
+                f.write(envelope_lines(envelope) + to_lf(encode_headers(data) if self.encode_utf8 else data))
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, self.root / "new" / name)

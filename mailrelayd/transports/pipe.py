@@ -23,18 +23,22 @@ import tempfile
 from mailrelayd.deadlines import Deadlines
 from mailrelayd.message import Envelope, to_lf
 from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
+from mailrelayd.utf8_headers import encode_headers
 
 # sysexits.h names by status (64 EX_USAGE ... 78 EX_CONFIG), for the error a log shows.
 SYSEXITS = {getattr(os, name): name for name in dir(os) if name.startswith("EX_") and 64 <= getattr(os, name) <= 78}
 
 
 class PipeTransport:
-    """Runs `command` (plus `-f SENDER` when the envelope has one) once per message."""
+    """Runs `command` (plus `-f SENDER` when the envelope has one) once per message; with
+    `encode_utf8`, header text that is not ASCII goes as encoded-words (utf8_headers.py)."""
 
-    def __init__(self, command: tuple[str, ...], timeout: float, permanent_exit_codes: frozenset[int]):
+    def __init__(self, command: tuple[str, ...], timeout: float, permanent_exit_codes: frozenset[int],
+                 encode_utf8: bool = True):
         self.command = command
         self.timeout = timeout
         self.permanent_exit_codes = permanent_exit_codes
+        self.encode_utf8 = encode_utf8
         self._deadlines = Deadlines("pipe-deadlines")
 
     def deliver(self, data: bytes, envelope: Envelope) -> Outcome:
@@ -44,7 +48,7 @@ class PipeTransport:
                 return PermanentFailure("a recipient starts with '-'")
             argv = [*_without_header_recipients(argv), *envelope.recipients]
         with _memory_file("mailrelayd-message") as message, _memory_file("mailrelayd-output") as output:
-            message.write(to_lf(data))
+            message.write(to_lf(encode_headers(data) if self.encode_utf8 else data))
             message.seek(0)
             try:
                 proc = subprocess.Popen(argv, stdin=message, stdout=output, stderr=output, start_new_session=True)

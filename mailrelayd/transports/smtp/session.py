@@ -169,12 +169,13 @@ class Session:
                 failures.append((address, why, False))
         if not recipients:
             return Replies([], failures)
+        wire, eight_bit = job.section(utf8)
         params = []
         if "size" in features:
-            params.append(f"SIZE={len(job.wire)}")
-        if job.eight_bit and "8bitmime" in features:
+            params.append(f"SIZE={len(wire)}")
+        if eight_bit and "8bitmime" in features:
             params.append("BODY=8BITMIME")
-        if utf8 and not (job.sender.isascii() and all(a.isascii() for a in recipients)):
+        if utf8 and (job.utf8_header or not (job.sender.isascii() and all(a.isascii() for a in recipients))):
             params.append("SMTPUTF8")
         mail = f"MAIL FROM:<{job.sender}>{''.join(' ' + p for p in params)}\r\n".encode()
         rcpts = [f"RCPT TO:<{a}>\r\n".encode() for a in recipients]
@@ -237,7 +238,7 @@ class Session:
             return _refused("DATA", accepted, data_code, data_reply, failures)
         self.stage = "sending the message"
         sock.settimeout(max(self.host.settings.reply_timeout, self.host.message_timeout))
-        send(job.wire)
+        send(wire)
         sock.settimeout(self.host.settings.reply_timeout)
         code, final = reply("end of DATA")
         self.dirty = False

@@ -54,10 +54,13 @@ class SmtpTransport:
     """Sends each message in one SMTP transaction over a pooled session.
 
     `message_timeout` bounds one delivery and `max_connections` the sessions open at
-    once (the `timeout` and `workers` settings); SmtpSettingsError if it cannot work."""
+    once (the `timeout` and `workers` settings). Header text that is not ASCII goes as it
+    is, with SMTPUTF8, to a server that offers SMTPUTF8; to one that does not, as
+    encoded-words with `encode_utf8` (utf8_headers = encode), else as it is. SmtpSettingsError
+    if it cannot work."""
 
     def __init__(self, settings: SmtpSettings, *, password: str | None = None, message_timeout: float = 600.0,
-                 max_connections: int = 4):
+                 max_connections: int = 4, encode_utf8: bool = True):
         if max_connections < 1:
             raise SmtpSettingsError("max_connections must be at least 1")
         if not message_timeout > 0:
@@ -65,6 +68,7 @@ class SmtpTransport:
         self.settings = settings
         self._host = Smarthost(settings, password, message_timeout)
         self._message_timeout, self._max_connections = message_timeout, max_connections
+        self._encode_utf8 = encode_utf8
         self._secrets = _secret_forms(password)
         self._refusal: Outcome | None = None
         if settings.user is not None and settings.tls == "none" and not settings.allow_plaintext_auth:
@@ -163,7 +167,7 @@ class SmtpTransport:
                 recipients.append(address)
         if not recipients:
             return _settle(Replies([], [(a, text, False) for a, text in refused]))
-        return make_job(sender, recipients, refused, data)
+        return make_job(sender, recipients, refused, data, self._encode_utf8)
 
     # -- reporting ---------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 Replies are read by smtplib, but a line cut short by a closed connection is taken for a
 lost connection, never for a reply. The DATA section is made once per message: CRLF
 line endings, the header's Bcc: fields removed (as sendmail -t does: a Bcc: header is
-never for the eyes of others), leading dots stuffed, and the final ".".
+never for the eyes of others), leading dots stuffed, and the final "."; and, when the
+header holds text that is not ASCII, a second one with that text as encoded-words
+(utf8_headers.py) for servers without SMTPUTF8, unless utf8_headers = keep.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import re
 import smtplib
 import socket
 from dataclasses import dataclass
+
+from mailrelayd.message import header_block
+from mailrelayd.utf8_headers import encode_headers
 
 _MAXLINE = 8192  # the longest reply line taken, as smtplib's
 
@@ -79,13 +84,28 @@ class Job:
     sender: str
     recipients: list[str]
     refused: list[tuple[str, str]]  # (address, why) of those never offered to the server
-    wire: bytes  # the DATA section (wire_data)
+    wire: bytes  # the DATA section (wire_data) of the message as queued
     eight_bit: bool  # it holds 8-bit bytes: BODY=8BITMIME where offered
+    utf8_header: bool = False  # its header holds text that is not ASCII: SMTPUTF8 where offered
+    encoded: tuple[bytes, bool] | None = None  # (wire, eight_bit) with that text as encoded-words
+
+    def section(self, smtputf8: bool) -> tuple[bytes, bool]:
+        """The DATA section for a server that offers SMTPUTF8 or not, and whether it holds 8-bit bytes."""
+        if smtputf8 or self.encoded is None:
+            return self.wire, self.eight_bit
+        return self.encoded
 
 
-def make_job(sender: str, recipients: list[str], refused: list[tuple[str, str]], data: bytes) -> Job:
+def make_job(sender: str, recipients: list[str], refused: list[tuple[str, str]], data: bytes,
+             encode_utf8: bool = True) -> Job:
+    """The Job of one message; with `encode_utf8`, also its form for servers without SMTPUTF8."""
     wire = wire_data(data)
-    return Job(sender, recipients, refused, wire, _EIGHT_BIT.search(wire) is not None)
+    utf8_header = not header_block(data).isascii()
+    encoded = None
+    if utf8_header and encode_utf8:
+        encoded_wire = wire_data(encode_headers(data))
+        encoded = encoded_wire, _EIGHT_BIT.search(encoded_wire) is not None
+    return Job(sender, recipients, refused, wire, _EIGHT_BIT.search(wire) is not None, utf8_header, encoded)
 
 
 def wire_data(data: bytes) -> bytes:
