@@ -196,3 +196,36 @@ def test_lone_dot_line_arrives_intact_through_private_postfix(fossil_repo, smtp_
 
     assert without_received(mail.data) == crlf(row)
     assert mail.data.endswith(b"\r\nbefore the dot\r\n.\r\nafter the dot\r\n..two dots\r\n.\r\n")
+
+
+# -- header text that is not ASCII, through Postfix to a relay without SMTPUTF8 ----------------
+
+UTF8_SUBJECT = "Caf\u00e9 \u00fcber alles"
+
+
+def test_utf8_subject_arrives_encoded_through_private_postfix(fossil_repo, smtp_sink, postfix_instance):
+    """Fossil writes a subject that is not ASCII as raw UTF-8; encoded by default, it goes through Postfix to a
+    relay that does not offer SMTPUTF8 and arrives, with the body and every other field as Fossil wrote them."""
+    fossil_repo.test_message("bob@example.com", subject=UTF8_SUBJECT, body=BODY)
+    [(_, row)] = fossil_repo.queued()
+    assert UTF8_SUBJECT.encode() in row  # raw, as Fossil writes it
+
+    [mail] = deliver_through_postfix(fossil_repo, smtp_sink, postfix_instance, expected=1)
+
+    assert mail.rcpt_tos == ("bob@example.com",) and mail.mail_from == SELF
+    encoded = b"Subject: =?utf-8?b?Q2Fmw6kgw7xiZXI=?= alles\r\n"
+    assert without_received(mail.data) == crlf(row).replace(f"Subject: {UTF8_SUBJECT}\r\n".encode(), encoded)
+
+
+def test_utf8_subject_kept_as_it_is_bounces_at_a_relay_without_smtputf8(fossil_repo, smtp_sink, postfix_instance):
+    """The cause, reproduced: with utf8_headers = keep, Postfix takes the message (sendmail exits 0, so it is
+    logged as sent), marks it SMTPUTF8, and bounces it at the relay, which never gets it."""
+    fossil_repo.test_message("bob@example.com", subject=UTF8_SUBJECT, body=BODY)
+
+    proc = drain(fossil_repo.queue, postfix_instance.sendmail, "--utf8-headers", "keep")
+
+    assert_drained(proc, fossil_repo.queue, sent=1)
+    bounced = re.compile(r"to=<bob@example\.com>, .* status=bounced \(SMTPUTF8 is required, but was not offered")
+    wait_until(lambda: bounced.search(postfix_instance.maillog()), timeout=45,
+               what=f"Postfix to bounce the message (its log: {postfix_instance.log})")
+    assert [m for m in smtp_sink.received() if m.rcpt_tos == ("bob@example.com",)] == []
