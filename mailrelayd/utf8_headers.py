@@ -41,25 +41,24 @@ _KEPT_FIELDS = frozenset({
     "authentication-results"})
 _Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 _PLAIN_WORD = re.compile(r"[!-~]+")  # printable ASCII
+_SPACE = re.compile(r"[ \t]+")
 
 
 def encode_headers(data: bytes) -> bytes:
     """`data` with the header text that is not ASCII as encoded-words (see the module's text)."""
     if header_block(data).isascii():
         return data
-    out: list[bytes] = []
+    starts: list[int] = []  # where each field starts
     pos = 0
     while pos < len(data):
+        if not (data[pos:pos + 1] in (b" ", b"\t") and starts):  # a continuation line goes with its field
+            if not _FIELD.match(data, pos):
+                break  # the blank line, or a line no MTA takes for a field: the body starts here
+            starts.append(pos)
         end = data.find(b"\n", pos)
-        stop = len(data) if end < 0 else end + 1
-        if data[pos:pos + 1] in (b" ", b"\t") and out:
-            out[-1] += data[pos:stop]  # a continuation line
-        elif _FIELD.match(data, pos):
-            out.append(data[pos:stop])
-        else:
-            break  # the blank line, or a line no MTA takes for a field: the body starts here
-        pos = stop
-    return b"".join(_rewritten(field) for field in out) + data[pos:]
+        pos = len(data) if end < 0 else end + 1
+    ends = [*starts[1:], pos]
+    return b"".join(_rewritten(data[start:end]) for start, end in zip(starts, ends, strict=True)) + data[pos:]
 
 
 def _rewritten(field: bytes) -> bytes:
@@ -153,7 +152,8 @@ def _address_tokens(text: str) -> list[tuple[str, str]]:
     while i < len(text):
         c = text[i]
         if c in " \t":
-            j, kind = len(text) - len(text[i:].lstrip(" \t")), "space"
+            space = _SPACE.match(text, i)
+            j, kind = space.end() if space else i + 1, "space"
         elif c == '"':
             j, kind = _past_quoted(text, i), "quoted"
         elif c == "(":
@@ -234,21 +234,24 @@ class _Folder:
         chars = [c.encode() for c in text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")]
         data = b"".join(chars)
         q = _cost(data, True) <= _cost(data, False)
-        while chars:
+        first = 0
+        while first < len(chars):
             room = min(_WORD, _LINE - len(self.line) - len(self._separator()) - len(prefix) - len(suffix))
             room -= _OVERHEAD
-            if room < _cost(chars[0], q) and not self.fresh:
+            if room < _cost(chars[first], q) and not self.fresh:
                 self._fold()
                 continue
-            taken = 1
-            while taken < len(chars) and _cost(b"".join(chars[: taken + 1]), q) <= room:
-                taken += 1
-            word, chars = b"".join(chars[:taken]), chars[taken:]
+            word = chars[first]
+            first += 1
+            while first < len(chars) and _cost(word + chars[first], q) <= room:
+                word += chars[first]
+                first += 1
             if q:
                 payload = "".join(chr(b) if b in _Q_SAFE else "_" if b == 32 else f"={b:02X}" for b in word)
             else:
                 payload = base64.b64encode(word).decode()
-            self._put(f"{prefix}=?utf-8?{'q' if q else 'b'}?{payload}?={'' if chars else suffix}")
+            last = first == len(chars)
+            self._put(f"{prefix}=?utf-8?{'q' if q else 'b'}?{payload}?={suffix if last else ''}")
             prefix = ""
             self.gap = True  # between two encoded-words, or after a spaced one
         self.gap = spaced
