@@ -229,7 +229,8 @@ class _Folder:
         self._put(piece)
 
     def encoded(self, text: str, prefix: str = "", suffix: str = "", spaced: bool = False) -> None:
-        """`text` as encoded-words, folded as needed; `spaced`: with whitespace on both sides."""
+        """`text` as encoded-words, folded as needed; `spaced`: with whitespace before, and
+        after unless a `suffix` (a comment's parenthesis) closes them."""
         self.gap = self.gap or spaced
         chars = [c.encode() for c in text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")]
         data = b"".join(chars)
@@ -253,8 +254,8 @@ class _Folder:
             last = first == len(chars)
             self._put(f"{prefix}=?utf-8?{'q' if q else 'b'}?{payload}?={suffix if last else ''}")
             prefix = ""
-            self.gap = True  # between two encoded-words, or after a spaced one
-        self.gap = spaced
+            self.gap = True  # between two encoded-words
+        self.gap = spaced and not suffix
 
     def result(self, eol: str) -> str:
         return eol.join([*self.lines, self.line + self.pending])

@@ -524,13 +524,14 @@ def enqueue(spool: SpoolHarness, *args: str, message: bytes) -> subprocess.Compl
 
 
 def test_injected_envelope_is_delivered_as_arguments(spool, fake_sendmail):
-    """A message from `mailrelayd enqueue -i -f S A B` is piped unchanged to `FAKE -i -f S A B`, without -t."""
+    """A message from `mailrelayd enqueue -i -f S A B` is piped unchanged (utf8_headers = keep) to `FAKE -i -f S A B`,
+    without -t."""
     message = ("To: a@x.org\nFrom: Trac <trac@example.org>\nSubject: Ticket #7 caf\u00e9\n\n"
                "A body line.\n.\n..dots\nlast line\n").encode()
     result = enqueue(spool, "-i", "-f", "trac@example.org", "a@x.org", "hidden@x.org", message=message)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 
-    proc = drain(spool, fake_sendmail, "--settle", "0")
+    proc = drain(spool, fake_sendmail, "--settle", "0", "--utf8-headers", "keep")
 
     assert proc.returncode == 0, proc.stderr
     [(argv, data)] = fake_sendmail.calls()

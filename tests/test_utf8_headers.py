@@ -89,6 +89,14 @@ def test_non_ascii_address_stays_byte_for_byte():
     assert out == "To: =?utf-8?b?SsO2cmc=?= <j\u00f6rg@example.org>, m\u00fcller@example.org\n\nb".encode()
 
 
+def test_group_names_and_comments_are_encoded_and_addresses_stay():
+    """In an address field a group name or a comment that is not ASCII is encoded; a quoted address that is not
+    ASCII stays as it is."""
+    data = 'Cc: Fr\u00fcnde: a@x.org (J\u00f6rg), b@x.org;\nReply-To: "Caf\u00e9"@x.org\n\n'.encode()
+    assert encode_headers(data) == ('Cc: =?utf-8?q?Fr=C3=BCnde?= : a@x.org (=?utf-8?b?SsO2cmc=?=), b@x.org;\n'
+                                    'Reply-To: "Caf\u00e9"@x.org\n\n').encode()
+
+
 def test_fields_whose_syntax_encoding_would_break_are_left_as_they_are():
     """Message-ID, References and Content-* fields are never rewritten, even when not ASCII."""
     fields = ("Message-ID: <caf\u00e9@x>\nReferences: <\u00e9@x>\n"
