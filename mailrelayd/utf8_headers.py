@@ -13,11 +13,12 @@ header fields that hold a byte that is not ASCII:
   control character, or "=?") becomes encoded-words; the words around it stay as they are.
 
 Encoded-words are UTF-8, Q or B (whichever is shorter), at most 75 characters, never split
-a character, and the rewritten field is folded within 78 characters. Bytes that are not
-UTF-8 become U+FFFD; a bare CR outside encoded-words becomes a space: nothing can start a
-line of its own. The header ends where an MTA sees it end (the first line that is neither a
-field nor a continuation); the body is never touched. A message whose header is ASCII is
-returned as it is after one check. Nothing here raises.
+a character, and the rewritten field is folded within 78 characters (an ASCII word longer
+than that stays whole on its line). Bytes that are not UTF-8 become U+FFFD; a bare CR
+outside encoded-words becomes a space: nothing can start a line of its own. The header ends
+where an MTA sees it end (the first line that is neither a field nor a continuation); the
+body is never touched. A message whose header is ASCII is returned as it is after one
+check. Nothing here raises.
 """
 
 from __future__ import annotations
