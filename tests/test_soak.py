@@ -47,7 +47,10 @@ def test_memory_and_fds_stay_flat_through_100k_messages_and_reloads(tmp_path, da
         wait_until(lambda: _sent(harness.path) == sent, timeout=600, what=f"batch {batch} to be relayed")
         samples.append((rss_kib(d.pid), open_fds(d.pid)))
     assert d.alive() and not d.logged("relay_crashed")
-    (base_rss, base_fds), (last_rss, last_fds) = samples[2], samples[-1]  # after warming up (30 %)
+    (base_rss, base_fds), (_, last_fds) = samples[2], samples[-1]  # after warming up (30 %)
+    # the least of the last three: a leak grows with every message, a peak of the allocator's
+    # (a batch recorded while others arrive, on a loaded machine) comes and goes
+    last_rss = min(rss for rss, _ in samples[-3:])
     assert last_rss - base_rss < 4096, f"RSS grew from {base_rss} to {last_rss} KiB: {samples}"
     assert last_fds <= base_fds, f"open fds grew from {base_fds} to {last_fds}: {samples}"
 
