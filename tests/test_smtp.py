@@ -265,6 +265,17 @@ def test_message_arrives_crlf_without_bcc_and_with_dot_lines_intact(serve, trans
     assert mail.data == crlf(MIXED.replace(b"Bcc: hidden@example.net,\n  also-hidden@example.net\r\n", b"")) + b"\r\n"
 
 
+def test_a_bare_cr_in_the_header_starts_no_header_line(serve, transports):
+    """A bare CR in a header field (a forum title can hold one) arrives as a space, not as a line break that would add a field."""
+    server = serve()
+    message = b"To: bob@example.com\nFrom: noreply@example.org\nSubject: hi\rReply-To: evil@example.net\n\nbody\r.\rmore\n"
+    assert send(transports(server.port), message) == Sent("250 2.0.0 Ok: queued as Q1")
+    [mail] = server.mails
+    header, _, body = mail.data.partition(b"\r\n\r\n")
+    assert b"Subject: hi Reply-To: evil@example.net\r\n" in header + b"\r\n"
+    assert body == b"body\r\n.\r\nmore\r\n"  # the lone dot stuffed on the wire, whole at the server
+
+
 def test_explicit_envelope_ignores_header_recipients_and_still_hides_bcc(serve, transports):
     """With recipients given beside the message, exactly those get it, and a Bcc: header never goes out."""
     server = serve()

@@ -72,6 +72,7 @@ def sock_of(smtp: smtplib.SMTP) -> socket.socket:
 # -- the message ----------------------------------------------------------------------------
 
 _EOL = re.compile(rb"\r\n|\n|\r")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _BCC = re.compile(rb"bcc[ \t]*:", re.IGNORECASE)
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
@@ -110,7 +111,14 @@ def make_job(sender: str, recipients: list[str], refused: list[tuple[str, str]],
 
 def wire_data(data: bytes) -> bytes:
     """The DATA section of the message `data`: CRLF line endings, no Bcc: field, dots
-    stuffed, and the final "."."""
+    stuffed, and the final ".".
+
+    A bare CR in the header is a space: it is no line break where the envelope was read
+    (nor for sendmail), so it must not start a header line on the wire. In the body it is a
+    line end, so that no "CR . CR LF" can end the DATA early at a server (SMTP smuggling)."""
+    header = header_block(data)
+    if b"\r" in header:
+        data = _BARE_CR.sub(b" ", header) + data[len(header):]
     text = _without_bcc(_EOL.sub(b"\r\n", data))
     if text and not text.endswith(b"\r\n"):
         text += b"\r\n"
