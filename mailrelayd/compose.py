@@ -1,7 +1,8 @@
 """The composition root: queues, transports and relays, built from a Config.
 
 This is the one place that knows which classes make up a running mailrelayd. The
-command line and the service call it; queues and transports never import it.
+command line and the service call it; queues and transports never import it. Each kind
+of queue and transport is imported when it is made: a drain loads only what it uses.
 """
 
 from __future__ import annotations
@@ -9,22 +10,22 @@ from __future__ import annotations
 from mailrelayd import log
 from mailrelayd.config import Config, ConfigError
 from mailrelayd.queues import Queue
-from mailrelayd.queues.spool import SpoolQueue
-from mailrelayd.queues.sqlite import SqliteQueue
 from mailrelayd.relay import Relay, RetryPolicy
 from mailrelayd.supervision import Supervision
 from mailrelayd.transports import Transport
-from mailrelayd.transports.maildir import MaildirTransport
-from mailrelayd.transports.pipe import PipeTransport
-from mailrelayd.transports.smtp import SmtpSettingsError, SmtpTransport
+from mailrelayd.transports.smtp import SmtpSettingsError
 
 
 def make_queue(config: Config) -> Queue:
     """The queue one Config names (never a glob); nothing is opened yet."""
     if config.spool:
+        from mailrelayd.queues.spool import SpoolQueue
+
         return SpoolQueue(config.spool, config.state_dir, settle=config.settle, max_size=config.max_size,
                           owner_uid=config.spool_owner, keep_sent=config.keep_sent,
                           sentlog_retention=config.sentlog_retention, refused_retention=config.refused_retention)
+    from mailrelayd.queues.sqlite import SqliteQueue
+
     assert config.db is not None
     return SqliteQueue(config.db, lease=config.lease, sentlog_retention=config.sentlog_retention,
                        max_size=config.max_size, sql_timeout=config.sql_timeout,
@@ -35,9 +36,15 @@ def make_transport(config: Config) -> Transport:
     """The configured transport; ConfigError if it cannot work as configured."""
     encode = config.utf8_headers == "encode"
     if config.maildir:
+        from mailrelayd.transports.maildir import MaildirTransport
+
         return MaildirTransport(config.maildir, encode_utf8=encode)
     if not config.smtp.server:
+        from mailrelayd.transports.pipe import PipeTransport
+
         return PipeTransport(config.command, config.timeout, config.permanent_exit_codes, encode_utf8=encode)
+    from mailrelayd.transports.smtp import SmtpTransport
+
     try:
         # One connection per delivery in flight: the pool follows the relay's concurrency.
         connections = config.max_workers if config.workers == "auto" else int(config.workers)

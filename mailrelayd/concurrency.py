@@ -103,6 +103,8 @@ class Gate:
         self._limit, self._running = limit, 0
 
     def set_limit(self, limit: int) -> None:
+        if limit == self._limit:
+            return
         with self._cond:
             self._limit = limit
             self._cond.notify_all()

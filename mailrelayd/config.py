@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -161,6 +160,8 @@ DELIVERY_WAYS = ("command", "maildir", "smtp_server")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # only when there is a file to read
+
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -176,8 +176,8 @@ def _addresses(values: list[str]) -> list[str]:
 
 
 def _decoded(value: str) -> str:
-    try:
-        text = str(make_header(decode_header(value)))
+    try:  # no encoded word ("=?"): nothing to decode, and the email package's answer would be `value`
+        text = str(make_header(decode_header(value))) if "=?" in value else value
     except Exception:  # noqa: BLE001 -- a subject that is not RFC 2047 after all (a forum title) stays as it is
         text = str(value)
     return _printable(" ".join(text.split()))[:200]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from mailrelayd.attempt import Attempt
 from mailrelayd.message import listed
-from mailrelayd.notice import failure_notice, is_notice
 from mailrelayd.outcome import PartlySent, PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.queues import Queue, QueueError
 
@@ -167,7 +166,11 @@ class Recorder:
 
     def _notify_failed(self, attempt: Attempt, reason: str, now: float) -> None:
         """Queue a short notice to the administrator, never about a notice itself."""
-        if not self.notify_failed or is_notice(attempt.msg.data):
+        if not self.notify_failed:
+            return
+        from mailrelayd.notice import failure_notice, is_notice  # the email package: only when needed
+
+        if is_notice(attempt.msg.data):
             return
         notice = failure_notice(self.notify_failed, self.queue.name, attempt.msg.id, attempt.envelope, reason, now)
         try:

@@ -29,7 +29,6 @@ from mailrelayd.recorder import DrainReport, Recorder, RetryPolicy
 from mailrelayd.supervision import RelayStatus, Supervision
 from mailrelayd.transports import Transport
 from mailrelayd.values import Rate
-from mailrelayd.watch import Watcher
 
 MAINTAIN_EVERY = 3600.0
 # A file event can arrive before the change is visible: SQLite writes the WAL frames
@@ -139,6 +138,8 @@ class Relay:
 
     def run(self) -> int:
         """Relay until `stop()`; the exit status: 0, or 66 when the queue's set-up can never work."""
+        from mailrelayd.watch import Watcher  # watchdog: only for a daemon
+
         watcher = self.supervision.watcher or Watcher()
         watch = watcher.watch(self.queue.watch_dir, self.queue.notice, self.wake)
         try:

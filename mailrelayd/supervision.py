@@ -6,9 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mailrelayd.queues import QueueStats
-from mailrelayd.watch import Watcher
+
+if TYPE_CHECKING:  # watchdog is imported only by what watches (a drain does not)
+    from mailrelayd.watch import Watcher
 
 
 @dataclass(frozen=True)

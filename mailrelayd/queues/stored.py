@@ -9,6 +9,7 @@ seen now, every recipient), which is the worst a jail can make of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -78,3 +79,13 @@ def _problem(attempts, first_seen, recipients, now: float) -> str | None:
 
 def _shown(value) -> str:
     return f"{type(value).__name__} {value!r}"[:60]
+
+
+def digest(data: bytes) -> bytes:
+    """What a record keeps of its message's body: a reused id does not inherit the record."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def to_json(recipients: tuple[str, ...] | None) -> str | None:
+    """Recipients as a record keeps them (a JSON list), None for every recipient."""
+    return json.dumps(list(recipients)) if recipients is not None else None

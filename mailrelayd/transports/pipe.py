@@ -47,21 +47,24 @@ class PipeTransport:
             if any(r.startswith("-") for r in envelope.recipients):
                 return PermanentFailure("a recipient starts with '-'")
             argv = [*_without_header_recipients(argv), *envelope.recipients]
-        with _memory_file("mailrelayd-message") as message, _memory_file("mailrelayd-output") as output:
-            message.write(to_lf(encode_headers(data) if self.encode_utf8 else data))
-            message.seek(0)
+        message, output = _memory_fd("mailrelayd-message"), _memory_fd("mailrelayd-output")
+        try:
+            _write_all(message, to_lf(encode_headers(data) if self.encode_utf8 else data))
+            os.lseek(message, 0, os.SEEK_SET)
             try:
                 proc = subprocess.Popen(argv, stdin=message, stdout=output, stderr=output, start_new_session=True)
             except OSError as e:
                 return TemporaryFailure(f"cannot run {argv[0]}: {e.strerror or e}", setup_error=True)
             with proc, self._deadlines.watch(self.timeout, lambda: _kill_group(proc.pid)) as watch:
                 proc.wait()
-            output.seek(max(0, output.seek(0, os.SEEK_END) - 4096))
-            said = output.read()
-            if watch.fired and proc.returncode != 0:  # with what it said: postdrop's "Permission denied"
-                return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed"
-                                        + _colon(_last_lines(said)))
-            return self._outcome(argv[0], proc.returncode, said)
+            said = os.pread(output, 4096, max(0, os.lseek(output, 0, os.SEEK_END) - 4096))
+        finally:
+            os.close(message)
+            os.close(output)
+        if watch.fired and proc.returncode != 0:  # with what it said: postdrop's "Permission denied"
+            return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed"
+                                    + _colon(_last_lines(said)))
+        return self._outcome(argv[0], proc.returncode, said)
 
     def _outcome(self, program: str, status: int, output: bytes) -> Outcome:
         said = _last_lines(output)
@@ -96,11 +99,20 @@ def _without_header_recipients(argv: list[str]) -> list[str]:
     return [argv[0], *kept]
 
 
-def _memory_file(name: str):
-    """An anonymous read-write file that never touches the disk if it can help it."""
+def _memory_fd(name: str) -> int:
+    """An anonymous read-write file (a descriptor, closed on exec) that never touches the
+    disk if it can help it. Plain descriptors: a file object per delivery costs the relay."""
     if hasattr(os, "memfd_create"):
-        return open(os.memfd_create(name, os.MFD_CLOEXEC), "w+b")
-    return tempfile.TemporaryFile()
+        return os.memfd_create(name, os.MFD_CLOEXEC)
+    fd, path = tempfile.mkstemp(prefix=name)
+    os.unlink(path)
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _last_lines(output: bytes, count: int = 3) -> str:

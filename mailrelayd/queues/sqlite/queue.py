@@ -20,7 +20,6 @@ tables is checked where it enters (queues/stored.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,9 @@ from mailrelayd.throttle import Throttle
 BUSY_TIMEOUT = 5.0  # seconds any statement waits for another process's lock
 HURRY = 0.5  # seconds a statement may still run once a stop was asked for
 PEEK = 64 * 1024  # bytes of a refused message kept readable for `show`
+# Claims look for stale records and dead claimers each time, but while each leaves due
+# messages behind (a backlog, claims many times a second) only this often, in seconds.
+TIDY_EVERY = 0.25
 
 
 class SqliteQueue:
@@ -68,6 +70,7 @@ class SqliteQueue:
         self._deadline = math.inf  # monotonic: the statement running now is aborted after this
         self._limit = sql_timeout  # how long a statement may run: sql_timeout, or HURRY once stopping
         self._gone: set[str] = set()  # claimers known dead (a pid that is gone stays gone)
+        self._backlog, self._tidy_at = False, 0.0  # the last claim left due messages behind; when to tidy
         self._repaired = Throttle(self.log, "queue_state_repaired",
                                   note="mailrelayd's own record was not as it wrote it: the message starts afresh")
         self._refused = Throttle(self.log, "message_refused")
@@ -155,10 +158,13 @@ class SqliteQueue:
         self._refused.flush()
         with self._errors():
             self._recheck_schema()
-            self._forget_stale()
-            self._take_back_from_gone()
+            if not self._backlog or time.monotonic() >= self._tidy_at:  # while claims come full: now and then
+                self._forget_stale()
+                self._take_back_from_gone()
+                self._tidy_at = time.monotonic() + TIDY_EVERY
             for _ in range(10):  # another relay may take our candidates first: look again
-                ids = [row[0] for row in self._db.execute(sql.CANDIDATES, {"now": now, "limit": limit}).fetchall()]
+                ids = [row[0] for row in self._db.execute(sql.CANDIDATES, {"now": now, "limit": limit + 1}).fetchall()]
+                self._backlog, ids = len(ids) > limit, ids[:limit]  # more are due than this claim takes
                 if not ids:
                     return []
                 claim = {"now": now, "owner": self.owner, "lease": now + self.lease, "ids": json.dumps(ids)}
@@ -205,7 +211,7 @@ class SqliteQueue:
         past, problem = stored.history(attempts, first_seen, recipients, now)
         if problem is not None:
             self._repaired(emailid=emailid, problem=problem)
-        elif digest is not None and digest != _digest(data):
+        elif digest is not None and digest != stored.digest(data):
             past = stored.History(0, past.first_seen, None)  # the emailid was reused after ours left the queue
         envelope = ("", past.recipients) if past.recipients else None
         return QueuedMessage(id=emailid, data=data, attempts=past.attempts, first_seen=past.first_seen,
@@ -245,14 +251,14 @@ class SqliteQueue:
                 "UPDATE mailrelayd_queue SET attempts = ?, next_try = ?, last_try = ?, last_error = ?,"
                 " digest = ?, recipients = coalesce(?, recipients), owner = NULL, lease_until = NULL"
                 " WHERE emailid = ?",
-                (msg.attempts + 1, next_try, now, error, _digest(msg.data), _json(recipients), msg.id),
+                (msg.attempts + 1, next_try, now, error, stored.digest(msg.data), stored.to_json(recipients), msg.id),
             )
 
     def set_aside(self, msg: QueuedMessage, reason: str, now: float,
                   recipients: tuple[str, ...] | None = None) -> None:
         with self._errors():
             self._db.execute("INSERT INTO mailrelayd_set_aside VALUES (?, ?, ?, ?, ?, ?)",
-                             (msg.id, reason, msg.attempts + 1, msg.first_seen, now, _json(recipients)))
+                             (msg.id, reason, msg.attempts + 1, msg.first_seen, now, stored.to_json(recipients)))
 
     def release(self, msgs: list[QueuedMessage]) -> None:
         with self._errors():
@@ -336,10 +342,10 @@ class SqliteQueue:
         the top of the range: the records there are checked at each claim, all at open."""
         if self._db.execute(sql.ANY_GONE).fetchone()[0]:
             self._db.execute(sql.FORGET_GONE)
-        top = 2**62 if everywhere else sql.TOP
+        top = None if everywhere else sql.TOP
         for emailid, digest in self._db.execute(sql.DEFERRED_RECORDS, {"top": top}).fetchall():
             data, size = self._body(emailid)
-            if size <= self.max_size and _digest(data) != digest:
+            if size <= self.max_size and stored.digest(data) != digest:
                 self._db.execute("DELETE FROM mailrelayd_queue WHERE emailid = ? AND owner IS NULL", (emailid,))
 
     def _take_back_from_gone(self) -> None:
@@ -386,10 +392,3 @@ class SqliteQueue:
                     " hold something that makes it slow")
         return str(error)
 
-
-def _json(recipients: tuple[str, ...] | None) -> str | None:
-    return json.dumps(list(recipients)) if recipients is not None else None
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()

@@ -90,12 +90,12 @@ ANY_GONE = ("SELECT EXISTS (SELECT 1 FROM mailrelayd_queue q WHERE q.owner IS NU
             " AND NOT EXISTS (SELECT 1 FROM email e WHERE e.emailid = q.emailid))")
 # Fossil's email has no AUTOINCREMENT: an id is reused only at the top of the range (for a
 # new row once the rows above it are gone). The records of deferred messages there (or all
-# of them, at open) are the ones to check against the message they now name.
+# of them, at open: :top NULL, no scan of email) are the ones to check against the message they now name.
 TOP = 64
 DEFERRED_RECORDS = f"""
 SELECT q.emailid, q.digest FROM mailrelayd_queue q
 WHERE q.digest IS NOT NULL AND q.owner IS NULL AND q.next_try < {REFUSED}
-  AND q.emailid >= coalesce((SELECT emailid FROM email ORDER BY emailid DESC LIMIT 1 OFFSET :top), 0)
+  AND (:top IS NULL OR q.emailid >= coalesce((SELECT emailid FROM email ORDER BY emailid DESC LIMIT 1 OFFSET :top), 0))
 """
 
 SCHEMA = """
