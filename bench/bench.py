@@ -223,15 +223,16 @@ def throughput_row(mode, name: str, sink: str, msgs: list[bytes], workers: int, 
     return r
 
 
-def latency(mode, sink: str, count: int, every: float) -> dict:
-    """Enqueue `count` messages one at a time, `every` seconds apart, into the running daemon."""
+def latency(mode, sink: str, count: int, every: float, workers: int | None = 4) -> dict:
+    """Enqueue `count` messages one at a time, `every` seconds apart, into the running daemon
+    (with `workers`; None: its defaults)."""
     tmp = mode.tmp
     sinklog, log = tmp / "latency-sink.log", tmp / "latency.log"
     queue = mode.fresh("latency", [])
     env = {**ENV, "SINK_LOG": str(sinklog)}
     committed: dict[str, int] = {}
     with open(log, "wb") as err:
-        argv = relay_cmd(queue, ["--command", f"{sink} -ti"], 4, False)
+        argv = relay_cmd(queue, ["--command", f"{sink} -ti"], workers, False)
         proc = subprocess.Popen(argv, env=env, stderr=err, cwd=ROOT)
         deadline = time.monotonic() + 20
         while b"relay_started" not in log.read_bytes():
@@ -347,7 +348,7 @@ def main() -> int:
     ap.add_argument("--smtp", action="store_true", help="measure the SMTP transport against smtplib and msmtp")
     ap.add_argument("--real", nargs="*", metavar="SYSTEM",
                     help="mailrelayd beside email-sender.tcl and a serial consumer on real mail systems "
-                         "(sink slow postfix msmtp smtp tempfail; all if none named): see bench/real.py")
+                         "(sink slow postfix msmtp smtp tempfail latency; all if none named): see bench/real.py")
     ap.add_argument("--fixed", help="with --real: the fixed --workers to measure (1,2,4,8,16,32)")
     ap.add_argument("--repeat", type=int, default=1, help="with --real: rounds, the best of which is shown (1)")
     ap.add_argument("--tcl-script", metavar="PATH", action="append",
