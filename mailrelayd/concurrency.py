@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 START = 4
@@ -96,27 +97,37 @@ class Concurrency:
 class Gate:
     """Lets at most `limit` deliveries run at once among the worker threads (more may be
     claimed and waiting, so that a worker never waits for the relay's thread); the limit
-    may change at any time."""
+    may change at any time. A thread that leaves hands its place straight to the longest
+    waiting one: one plain lock per pass, no condition variable to notify."""
 
     def __init__(self, limit: int):
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._limit, self._running = limit, 0
+        self._waiting: deque[threading.Lock] = deque()  # each held until its thread may run
 
     def set_limit(self, limit: int) -> None:
         if limit == self._limit:
             return
-        with self._cond:
+        with self._lock:
             self._limit = limit
-            self._cond.notify_all()
+            while self._waiting and self._running < self._limit:
+                self._running += 1
+                self._waiting.popleft().release()
 
     def __enter__(self) -> Gate:
-        with self._cond:
-            while self._running >= self._limit:
-                self._cond.wait()
-            self._running += 1
+        with self._lock:
+            if self._running < self._limit:
+                self._running += 1
+                return self
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiting.append(waiter)
+        waiter.acquire()  # released by a thread that handed this one its place (already counted)
         return self
 
     def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._running -= 1
-            self._cond.notify()
+        with self._lock:
+            if self._waiting and self._running <= self._limit:
+                self._waiting.popleft().release()  # the place goes on: _running stays
+            else:
+                self._running -= 1

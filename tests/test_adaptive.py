@@ -1,9 +1,11 @@
 """workers = "auto": the concurrency found as the relay goes, on a model mail system and a real relay."""
 
+import threading
+
 import pytest
 
 from conftest import FakeClock, fossil_message, wait_until
-from mailrelayd.concurrency import START, Concurrency
+from mailrelayd.concurrency import START, Concurrency, Gate
 
 
 def run(concurrency: Concurrency, clock: FakeClock, rate_at, deliveries: int, failing=lambda limit: False,
@@ -64,6 +66,33 @@ def test_a_fixed_number_of_workers_never_moves():
     concurrency = Concurrency(6, 32, clock=clock)
     run(concurrency, clock, lambda limit: limit / 0.1, 200, failing=lambda limit: True)
     assert (concurrency.limit, concurrency.adaptive) == (6, False)
+
+
+def test_the_gate_lets_waiting_deliveries_in_when_its_limit_rises_and_none_over_a_lowered_one():
+    """Raising the gate's limit lets waiting threads in at once; after lowering it, one gets in only below it."""
+    gate, lock, finish = Gate(2), threading.Lock(), threading.Event()
+    running, entered_with = [0], []
+
+    def deliver():
+        with gate:
+            with lock:
+                running[0] += 1
+                entered_with.append(running[0])
+            finish.wait(30)
+            with lock:
+                running[0] -= 1
+
+    threads = [threading.Thread(target=deliver) for _ in range(5)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(entered_with) == 2 and len(gate._waiting) == 3, what="two in, three waiting")
+    gate.set_limit(4)
+    wait_until(lambda: len(entered_with) == 4, what="two more let in")
+    gate.set_limit(1)
+    finish.set()
+    for t in threads:
+        t.join(30)
+    assert max(entered_with[:4]) == 4 and entered_with[4] == 1
 
 
 @pytest.mark.parametrize("kind", ["sqlite"])
