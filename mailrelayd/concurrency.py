@@ -18,10 +18,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-START = 4
+START = 8  # low beside max_workers, yet where a local MTA already runs near its best
 MIN_WINDOW = 0.05  # seconds: a window is at least this long...
 MIN_DONE = 4  # ...and holds at least this many deliveries (and at least the limit)
-FALL = 0.95  # a rate under this share of the last one has fallen
+FALL = 0.85  # a rate under this share of the last one has fallen (a busy machine moves rates by 10 %)
 GAIN = 1.05  # a probe is kept only if the rate grows past this share
 FAILING = 0.1  # temporary failures over this share of a window halve the limit
 COOL_DOWN = 5.0  # seconds without raising the limit after failures
