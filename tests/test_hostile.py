@@ -52,6 +52,9 @@ class Jails:
         self.innocent.enqueue(fossil_message(subject=subject))
         wait_until(lambda: any(subject.encode() in body for body in self.fake.bodies()), timeout=2,
                    what="the innocent queue's new message to go out")
+        # ...and its delivery to be over (sendmail exited, the outcome recorded): no descriptor in flight
+        wait_until(lambda: any(e.get("subject") == subject for e in self.daemon.logged("message_sent")), timeout=2,
+                   what="the innocent message's delivery to be recorded")
 
     def assert_promise(self) -> None:
         """The process runs, the innocent queue flows, nothing outside changed, usage is flat."""
