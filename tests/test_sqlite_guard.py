@@ -72,6 +72,20 @@ def test_a_schema_with_anything_not_fossils_or_ours_is_refused_unchanged(tmp_pat
     assert snapshot(harness.path) == before
 
 
+def test_a_virtual_table_with_disguised_text_is_refused(tmp_path):
+    """A virtual table whose stored CREATE text a jail rewrote (a comment before VIRTUAL) is still known by having no pages."""
+    harness = SqliteHarness(tmp_path / "emailqueue.db")
+    with sqlite3.connect(harness.path) as conn:
+        conn.execute("CREATE VIRTUAL TABLE sentlog USING fts4(mtime, xto, xfrom, xsubject, xsize)")
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("UPDATE sqlite_schema SET sql = 'CREATE /* plain */ VIRTUAL TABLE sentlog USING"
+                     " fts4(mtime, xto, xfrom, xsubject, xsize)' WHERE name = 'sentlog'")
+    before = snapshot(harness.path)
+    with pytest.raises(QueueError, match="'sentlog' is a virtual table"):
+        SqliteQueue(harness.path, lease=60, sentlog_retention=86400).open()
+    assert snapshot(harness.path) == before
+
+
 def test_a_generated_column_in_email_is_refused(tmp_path):
     """An email table whose msg is computed (zeroblob of a gigabyte, say) is not Fossil's."""
     path = tmp_path / "emailqueue.db"

@@ -16,7 +16,6 @@ handler that aborts a statement running past its deadline.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import stat
 from collections.abc import Callable
@@ -91,31 +90,33 @@ def harden(conn: sqlite3.Connection, max_length: int, over: Callable[[], bool]) 
 
 def check_schema(conn: sqlite3.Connection, path: Path) -> None:
     """QueueError naming the first object in the file that is not Fossil's, the Tcl
-    script's or mailrelayd's own, or not as they make it (read from sqlite_schema itself:
-    no sqlite-utils to import at each start)."""
-    objects = conn.execute("SELECT type, name, tbl_name, coalesce(sql, '') FROM main.sqlite_schema").fetchall()
-    for kind, name, table, _ in objects:
-        if kind == "trigger":
-            raise QueueError(f"{path}: has a trigger {name!r} (on {table}), refused: a Fossil email queue has none")
-    for kind, name, _, _ in objects:
-        if kind == "view":
-            raise QueueError(f"{path}: has a view {name!r}, refused: a Fossil email queue has none")
-    for kind, name, _, text in objects:
-        if kind != "table":
-            continue
+    script's or mailrelayd's own, or not as they make it (read through sqlite-utils, on
+    this connection). A table with no pages of its own (rootpage 0) is a virtual table,
+    whatever its stored text says."""
+    db = database(conn)
+    for trigger in db.triggers:
+        raise QueueError(f"{path}: has a trigger {trigger.name!r} (on {trigger.table}), refused: a Fossil email"
+                         " queue has none")
+    for view in db.view_names():
+        raise QueueError(f"{path}: has a view {view!r}, refused: a Fossil email queue has none")
+    pageless = {name for name, in conn.execute("SELECT name FROM main.sqlite_schema WHERE type = 'table'"
+                                               " AND coalesce(rootpage, 0) = 0")}
+    for name in db.table_names():
         if name not in TABLES:
             raise QueueError(f"{path}: has a table {name!r} that is not Fossil's or mailrelayd's, refused")
-        virtual = re.match(r"\s*CREATE\s+VIRTUAL\s+TABLE\b.*?\bUSING\s+(\w+)", text, re.IGNORECASE | re.DOTALL)
-        if virtual:
-            raise QueueError(f"{path}: table {name!r} is a virtual table ({virtual.group(1)}), refused")
+        table = db[name]
+        if table.virtual_table_using or name in pageless:
+            raise QueueError(f"{path}: table {name!r} is a virtual table ({table.virtual_table_using or 'no pages'}),"
+                             " refused")
         wanted, optional = TABLES[name]
         columns = {row[1]: row[6] for row in conn.execute(f"PRAGMA table_xinfo({name})")}  # name: hidden
         if set(columns) - wanted or wanted - optional - set(columns) or any(columns.values()):
             raise QueueError(f"{path}: table {name!r} has columns {sorted(columns)}: not a Fossil email queue as"
                              " Fossil and mailrelayd make it, refused")
-    for kind, name, table, _ in objects:
-        if kind == "index" and INDEXES.get(name) != table and not name.startswith("sqlite_autoindex_"):
-            raise QueueError(f"{path}: has an index {name!r} on {table!r} that is not mailrelayd's, refused")
+        for index in table.indexes:
+            if INDEXES.get(index.name) != name and not index.name.startswith("sqlite_autoindex_"):
+                raise QueueError(f"{path}: has an index {index.name!r} on {name!r} that is not mailrelayd's,"
+                                 " refused")
 
 
 def database(conn: sqlite3.Connection):
