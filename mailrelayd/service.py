@@ -16,7 +16,6 @@ and never stops the watchdog pings. Only a failure of the supervisor ends the pr
 from __future__ import annotations
 
 import os
-import queue as stdqueue
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from mailrelayd.queuelock import QueueLock
 from mailrelayd.relay import Relay
 from mailrelayd.sdnotify import Notifier
 from mailrelayd.supervision import Supervision
+from mailrelayd.wakeup import Wakeup
 from mailrelayd.watch import Watcher
 
 STATUS_EVERY = 10.0  # STATUS= line and metrics gauges
@@ -78,7 +78,7 @@ class Service:
         self._locks: dict[Path, QueueLock] = {}
         self._said: dict[Path, str] = {}  # a waiting queue's problem, logged once
         self._ended: dict[Path, int] = {}  # queues whose relay gave up (66): not restarted until a reload
-        self._events: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
+        self._wakeup = Wakeup()  # what signals and relays wake the supervisor with
         self._stop = self._reload = self._scan = False
         self._ready = False
         self.exit_status = os.EX_OK
@@ -92,15 +92,15 @@ class Service:
 
     def request_stop(self) -> None:
         self._stop = True
-        self._events.put(None)
+        self._wakeup.ring()
 
     def request_reload(self) -> None:
         self._reload = True
-        self._events.put(None)
+        self._wakeup.ring()
 
     def request_scan(self) -> None:
         self._scan = True
-        self._events.put(None)
+        self._wakeup.ring()
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -112,8 +112,11 @@ class Service:
             if held_by is not None and not self.config.allow_concurrent:
                 raise QueueHeld(queue.queue_path.absolute(), held_by)
 
-    def lock_fds(self) -> list[int]:
-        return [lock.fileno() for lock in self._locks.values()]
+    def keep_fds(self) -> list[int]:  # what --daemon's detaching must keep open
+        return [lock.fileno() for lock in self._locks.values()] + self._wakeup.fds()
+
+    def catch_signals(self) -> None:  # from the main thread: a signal to any thread wakes run()
+        self._wakeup.catch_signals()
 
     def rewrite_pids(self) -> None:
         """After forking: the locks are ours still, under a new pid."""
@@ -127,10 +130,7 @@ class Service:
                 timeout = self._tick()
                 if timeout is None:
                     break
-                try:
-                    self._events.get(timeout=timeout)
-                except stdqueue.Empty:
-                    pass
+                self._wakeup.wait(timeout)
         except Exception as e:  # noqa: BLE001 -- the supervisor's own bug: a supervisor above restarts us
             self.log.critical("service_crashed", error=repr(e)[:500])
             self.exit_status = os.EX_SOFTWARE
@@ -295,7 +295,7 @@ class Service:
             max_sleep=min(MAX_SLEEP, interval / 2) if interval else MAX_SLEEP,
             stats_every=STATUS_EVERY if self.notifier.enabled or self.metrics is not None else None,
             observer=self.metrics.delivery if self.metrics is not None else None,
-            on_status=lambda: self._events.put(None),
+            on_status=self._wakeup.ring,
             watcher=self._watcher,
         )
 
@@ -319,7 +319,7 @@ class Service:
         except Exception as e:  # noqa: BLE001 -- a bug, or input nobody foresaw: this queue only
             running.error, running.status = repr(e)[:500], _CRASHED
         finally:
-            self._events.put(None)
+            self._wakeup.ring()
 
     def _stop_relays(self, paths: list[Path]) -> None:
         """Stop these relays and wait for their deliveries in flight, pinging the watchdog."""

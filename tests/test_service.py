@@ -74,6 +74,15 @@ def test_ready_comes_after_the_queue_is_open_and_stopping_on_sigterm(sqlite_harn
     assert d.proc.wait(timeout=15) == 0
 
 
+def test_sigterm_caught_by_another_thread_stops_the_daemon_at_once(sqlite_harness, daemon):
+    """A SIGTERM the kernel hands to a relay's thread, not the main one, still wakes the supervisor, which sleeps up to 15 s."""
+    d = daemon(*sqlite_harness.cli_args, "--poll-interval", "1h")
+    wait_until(lambda: d.logged("relay_started"), timeout=10, what="the relay to start")
+    others = [int(tid) for tid in os.listdir(f"/proc/{d.pid}/task") if int(tid) != d.pid]
+    os.kill(others[0], signal.SIGTERM)  # kill() with a thread's id offers the signal to that thread first
+    assert d.proc.wait(timeout=8) == 0
+
+
 def test_watchdog_is_pinged_while_the_loop_turns(sqlite_harness, daemon, notify_socket):
     """With WATCHDOG_USEC set, WATCHDOG=1 arrives about every half interval while all is well."""
     d = daemon(*sqlite_harness.cli_args, "--poll-interval", "1h", env=notify_socket.env(watchdog_usec=1_000_000))

@@ -159,7 +159,7 @@ def _serve(args: argparse.Namespace, config: Config, log, pidfile: QueueLock | N
 
         from mailrelayd.log import log_fds
 
-        keep = service.lock_fds() + ([pidfile.fileno()] if pidfile else []) + log_fds()
+        keep = service.keep_fds() + ([pidfile.fileno()] if pidfile else []) + log_fds()
         # Already the relay's user: DaemonContext's uid and gid (getuid(), getgid()) change nothing.
         daemon.DaemonContext(working_directory="/", umask=0o027, detach_process=True, files_preserve=keep,
                              signal_map={}).open()
@@ -176,6 +176,7 @@ def _serve(args: argparse.Namespace, config: Config, log, pidfile: QueueLock | N
         except OSError as e:
             log.critical("metrics_unavailable", address=config.metrics, error=e.strerror or str(e))
             return fail(f"cannot serve metrics on {config.metrics}: {e.strerror or e}", os.EX_CONFIG)
+    service.catch_signals()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
