@@ -3,8 +3,7 @@
 The main thread only supervises. It starts a relay for each configured queue (and for
 a glob's matches as they appear), holds each queue's single-relay lock, tells systemd
 how things are (READY, STATUS, WATCHDOG while the supervisor itself runs, STOPPING),
-feeds the metrics, and acts on the flags that signal handlers set: reload (SIGHUP),
-scan (SIGUSR1), stop (SIGTERM, SIGINT).
+feeds the metrics, and acts on the flags that signal handlers set (SIGHUP reload, SIGUSR1 scan, SIGTERM stop).
 
 One queue's trouble is that queue's alone: a relay that crashes (a bug, or input nobody
 foresaw) is logged and started again after a backoff (1 s doubling to 5 min) while the
@@ -163,7 +162,7 @@ class Service:
             return 0.0
         now = self.monotonic()
         globs = any(is_glob(q.queue_path) for q in self.config.queue_configs)
-        if now >= self._next_sync:
+        if now >= self._next_sync or any(at <= now for at in self._restart_at.values()):  # a crashed relay's turn
             self._sync()
             self._next_sync = now + self.config.poll_interval
         if not self._running and not self._said and not globs:
@@ -222,8 +221,9 @@ class Service:
         (until a reload); one that crashed is started again after its backoff."""
         now = self.monotonic()
         for path, running in list(self._running.items()):
-            if running.thread.is_alive():
+            if running.status is None and running.thread.is_alive():
                 continue
+            running.thread.join()  # its run returned and rang: the thread is ending, if not gone yet
             del self._running[path]
             self._stalled.discard(path)
             running.relay.transport.close()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -443,6 +444,8 @@ def test_a_crashing_relay_is_restarted_with_backoff_and_the_other_queue_flows(tm
                    what="two crashes of the bad queue")
         crashes = [e for e in _events(tmp_path) if e["event"] == "relay_crashed"]
         assert [c["restart_in_s"] for c in crashes[:2]] == [1.0, 2.0]
+        first, second = (datetime.fromisoformat(c["timestamp"].rstrip("Z")) for c in crashes[:2])
+        assert (second - first).total_seconds() < 5, "restarted at the next poll, not after its backoff of 1 s"
         assert all(c["queue"] == str(bad.path) and "planted" in c["error"] for c in crashes)
         good.enqueue(fossil_message(subject="still flowing"))
         wait_until(lambda: good.queued() == 0, timeout=10, what="the innocent queue to keep flowing")
