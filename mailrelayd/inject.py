@@ -312,6 +312,13 @@ def publish(src: str, dir_fd: int, new_name=spool_file_name, move=rename_norepla
     raise FileExistsError(errno.EEXIST, "no free file name in the spool")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the descriptor `fd` (os.write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def enqueue(spool: str, sender: str, recipients: list[str], message: bytes) -> str:
     """Write one durable spool file atomically; return its name.
 
@@ -328,9 +335,7 @@ def enqueue(spool: str, sender: str, recipients: list[str], message: bytes) -> s
             try:
                 os.fchmod(fd, FILE_MODE)
                 for chunk in (format_envelope(sender, recipients), message):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)

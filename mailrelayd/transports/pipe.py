@@ -19,8 +19,10 @@ import re
 import signal
 import subprocess
 import tempfile
+from contextlib import ExitStack
 
 from mailrelayd.deadlines import Deadlines
+from mailrelayd.inject import write_all
 from mailrelayd.message import Envelope, to_lf
 from mailrelayd.outcome import Outcome, PermanentFailure, Sent, TemporaryFailure
 from mailrelayd.utf8_headers import encode_headers
@@ -47,9 +49,9 @@ class PipeTransport:
             if any(r.startswith("-") for r in envelope.recipients):
                 return PermanentFailure("a recipient starts with '-'")
             argv = [*_without_header_recipients(argv), *envelope.recipients]
-        message, output = _memory_fd("mailrelayd-message"), _memory_fd("mailrelayd-output")
-        try:
-            _write_all(message, to_lf(encode_headers(data) if self.encode_utf8 else data))
+        with ExitStack() as fds:
+            message, output = (_memory_fd(name, fds) for name in ("mailrelayd-message", "mailrelayd-output"))
+            write_all(message, to_lf(encode_headers(data) if self.encode_utf8 else data))
             os.lseek(message, 0, os.SEEK_SET)
             try:
                 proc = subprocess.Popen(argv, stdin=message, stdout=output, stderr=output, start_new_session=True)
@@ -58,9 +60,6 @@ class PipeTransport:
             with proc, self._deadlines.watch(self.timeout, lambda: _kill_group(proc.pid)) as watch:
                 proc.wait()
             said = os.pread(output, 4096, max(0, os.lseek(output, 0, os.SEEK_END) - 4096))
-        finally:
-            os.close(message)
-            os.close(output)
         if watch.fired and proc.returncode != 0:  # with what it said: postdrop's "Permission denied"
             return TemporaryFailure(f"{argv[0]} timed out after {self.timeout:g} s and was killed"
                                     + _colon(_last_lines(said)))
@@ -99,20 +98,17 @@ def _without_header_recipients(argv: list[str]) -> list[str]:
     return [argv[0], *kept]
 
 
-def _memory_fd(name: str) -> int:
-    """An anonymous read-write file (a descriptor, closed on exec) that never touches the
-    disk if it can help it. Plain descriptors: a file object per delivery costs the relay."""
+def _memory_fd(name: str, fds: ExitStack) -> int:
+    """An anonymous read-write file (a descriptor, closed on exec, and closed by `fds`)
+    that never touches the disk if it can help it. Plain descriptors: a file object per
+    delivery costs the relay."""
     if hasattr(os, "memfd_create"):
-        return os.memfd_create(name, os.MFD_CLOEXEC)
-    fd, path = tempfile.mkstemp(prefix=name)
-    os.unlink(path)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    else:
+        fd, path = tempfile.mkstemp(prefix=name)
+        os.unlink(path)
+    fds.callback(os.close, fd)
     return fd
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _last_lines(output: bytes, count: int = 3) -> str:

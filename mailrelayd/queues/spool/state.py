@@ -25,6 +25,7 @@ import stat
 from collections.abc import Collection
 from pathlib import Path
 
+from mailrelayd.inject import write_all
 from mailrelayd.queues import QueueError
 from mailrelayd.queues.spool.rules import READ_FLAGS, number, read_all
 
@@ -178,9 +179,7 @@ class SpoolState:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640,
                      dir_fd=self.fd("tmp"))
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
