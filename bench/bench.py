@@ -334,6 +334,15 @@ class SqliteMode:
 
 # -- the report -------------------------------------------------------------------------------
 
+def byte_compile() -> None:
+    """Write mailrelayd's bytecode, as installing it (pip, the Debian package) does, so that
+    start-up is measured as installed: with PYTHONDONTWRITEBYTECODE set and no __pycache__,
+    a checkout compiles the modules it imports afresh at every start (about 45 ms here)."""
+    import compileall
+
+    compileall.compile_dir(str(ROOT / "mailrelayd"), quiet=1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, help="messages in the throughput runs (5000; 10000 with --smtp; "
@@ -358,6 +367,7 @@ def main() -> int:
     if args.probe:
         probe_main(args.probe)
         return 0
+    byte_compile()
     if args.real is not None:
         from real import main as real_main  # bench/real.py, beside this file
 

@@ -1,13 +1,16 @@
 """How many deliveries one queue runs at once: fixed (`workers = N`), or found as it goes
 (`workers = "auto"`, the default), as Postfix's per-destination concurrency feedback does.
 
-The adaptive limit starts at START and is judged window by window, each a few round trips
-long and only while the relay had work waiting (a limit that is not reached says nothing
-of what more would give). It doubles while the delivery rate does not fall (a slow mail
-system, one that waits on the network, gains the most), goes back one step when it falls,
-and then probes a quarter higher now and then, keeping the step only if the rate grows.
-Temporary failures (timeouts, 4xx, EX_TEMPFAIL) in a window halve it at once, and it
-stays low for a cool-down: a failing smarthost is not hammered. It never goes above
+The adaptive limit starts at START and is judged window by window, each about one round
+trip long and only while the relay had work waiting (a limit that is not reached says
+nothing of what more would give). It climbs fourfold while the delivery rate grows by
+GAIN or more with each step (a slow mail system, one that waits on the network, gains the
+most, and reaches max_workers within two round trips rather than three); a step that did
+not pay is tried again at half its height (twice the last limit), and kept only if that
+pays, so a mail system that is limited by its CPUs or disk settles where more stopped
+helping. Settled, it probes a quarter higher now and then, keeping the step only if the
+rate grows. Temporary failures (timeouts, 4xx, EX_TEMPFAIL) in a window halve it at once,
+and it stays low for a cool-down: a failing smarthost is not hammered. It never goes above
 `max_workers` or below 1.
 """
 
@@ -21,8 +24,8 @@ from collections.abc import Callable
 START = 8  # low beside max_workers, yet where a local MTA already runs near its best
 MIN_WINDOW = 0.05  # seconds: a window is at least this long...
 MIN_DONE = 4  # ...and holds at least this many deliveries (and at least the limit)
-FALL = 0.85  # a rate under this share of the last one has fallen (a busy machine moves rates by 10 %)
-GAIN = 1.05  # a probe is kept only if the rate grows past this share
+STEP = 4  # the climb's factor
+GAIN = 1.05  # a step or probe is kept only if the rate grows past this share (a busy machine moves rates by 10 %)
 FAILING = 0.1  # temporary failures over this share of a window halve the limit
 COOL_DOWN = 5.0  # seconds without raising the limit after failures
 PROBE_EVERY = 5.0  # seconds between probes once settled
@@ -38,7 +41,9 @@ class Concurrency:
         self.limit = min(START, self.max) if self.adaptive else self.max
         self.clock, self.log = clock, log
         self._climbing = True
-        self._last: tuple[int, float] | None = None  # (limit, rate) of the last judged window
+        self._top = self.max + 1  # the least limit a climbing step found not to pay
+        self._last: tuple[int, float] | None = None  # (limit, rate) before the climb's last step
+        self._high: tuple[int, float] | None = None  # (limit, rate) atop a long step, while its middle is tried
         self._probe: tuple[int, float] | None = None  # (limit before, rate before) while probing
         self._no_rise_until = 0.0
         self._next_probe = 0.0
@@ -59,7 +64,7 @@ class Concurrency:
         rate = self._done / (now - self._started)
         if self._failed > FAILING * self._done:
             self._set(max(1, self.limit // 2), "temporary failures", now)
-            self._climbing, self._last, self._probe = False, None, None
+            self._climbing, self._last, self._probe, self._high = False, None, None, None
             self._no_rise_until = self._next_probe = now + COOL_DOWN
         elif self._saturated * 2 < self._done or now < self._no_rise_until:
             pass  # work did not wait, or cooling down: nothing to learn about more concurrency
@@ -70,19 +75,45 @@ class Concurrency:
                 self._set(before, "a probe did not pay", now)
             self._next_probe = now + PROBE_EVERY
         elif self._climbing:
-            if self._last is not None and rate < self._last[1] * FALL:
-                self._climbing = False
-                self._set(self._last[0], "the rate fell", now)
-                self._next_probe = now + PROBE_EVERY
-            elif self.limit < self.max:
-                self._last = (self.limit, rate)
-                self._set(min(self.max, 2 * self.limit), "the rate held", now)
-            else:
-                self._climbing = False
+            self._climb(rate, now)
         elif now >= self._next_probe and self.limit < self.max:
             self._probe = (self.limit, rate)
             self._set(min(self.max, self.limit + max(1, self.limit // 4)), "probing", now)
         self._new_window(now)
+
+    def _climb(self, rate: float, now: float) -> None:
+        """One step of the climb: up STEP-fold while each step pays. A long step is then
+        tried at half its height (twice the last limit): taken back there if it did not pay,
+        or kept there if that does as well (fewer deliveries at once cost the mail system
+        less for the same rate), unless the step gave more than the middle possibly could
+        (a rate grows at most as fast as the concurrency)."""
+        if self._high is not None:  # the middle of a long step that paid, against its top
+            high, high_rate = self._high
+            self._high = None
+            self._settle(self.limit if rate * GAIN >= high_rate else high, "settled", now)
+            return
+        low, low_rate = self._last if self._last is not None else (self.limit, 0.0)
+        if rate < low_rate * GAIN:  # this step did not pay
+            self._top = self.limit
+            if self.limit > 2 * low:
+                self._set(2 * low, "the rate did not grow", now)
+            else:
+                self._settle(low, "the rate did not grow", now)
+            return
+        up = min(self.max, STEP * self.limit)
+        if up < self._top and up > self.limit:
+            self._last = (self.limit, rate)
+            self._set(up, "the rate grew", now)
+        elif self.limit > 2 * low and rate < low_rate * 2 * GAIN:  # the middle might do as well
+            self._high = (self.limit, rate)
+            self._set(2 * low, "trying fewer", now)
+        else:
+            self._settle(self.limit, "settled", now)
+
+    def _settle(self, limit: int, why: str, now: float) -> None:
+        self._climbing = False
+        self._next_probe = now + PROBE_EVERY
+        self._set(limit, why, now)
 
     def _set(self, limit: int, why: str, now: float) -> None:
         if limit != self.limit and self.log is not None:

@@ -27,7 +27,15 @@ def test_a_latency_bound_mail_system_gets_the_most_concurrency():
     concurrency = Concurrency("auto", 32, clock=clock)
     assert concurrency.limit == START
     seen = run(concurrency, clock, lambda limit: limit / 0.1, 500)
-    assert seen[-1] == 32 and seen.index(32) < 100
+    assert seen[-1] == 32 and seen.index(32) < START  # after the first window: one round trip
+
+
+def test_a_mail_system_that_stops_gaining_halfway_up_a_step_settles_there():
+    """Where the rate grows up to 16 and no further, the step to 32 is taken back to 16, not to 8."""
+    clock = FakeClock(0.0)
+    concurrency = Concurrency("auto", 32, clock=clock)
+    seen = run(concurrency, clock, lambda limit: 100 * min(limit, 16), 3000)
+    assert seen[-1] == 16 and 32 in seen
 
 
 def test_a_cpu_bound_mail_system_stops_where_more_stops_paying():
