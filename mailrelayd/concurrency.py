@@ -3,14 +3,16 @@
 
 The adaptive limit starts at START and is judged window by window, each about one round
 trip long and only while the relay had work waiting (a limit that is not reached says
-nothing of what more would give). It climbs fourfold while the delivery rate grows by
-GAIN or more with each step (a slow mail system, one that waits on the network, gains the
-most, and reaches max_workers within two round trips rather than three); a step that did
-not pay is tried again at half its height (twice the last limit), and kept only if that
-pays, so a mail system that is limited by its CPUs or disk settles where more stopped
-helping. Settled, it probes a quarter higher now and then, keeping the step only if the
-rate grows. Temporary failures (timeouts, 4xx, EX_TEMPFAIL) in a window halve it at once,
-and it stays low for a cool-down: a failing smarthost is not hammered. It never goes above
+nothing of what more would give). It climbs fourfold while the delivery rate does not
+fall with a step: a slow mail system, one that waits on the network, reaches max_workers
+after one round trip. A step that lowered the rate is tried again at half its height
+(twice the last limit), kept there if that does no worse than before the step, else
+taken back: a mail system limited by its CPUs or disk settles where more stopped helping.
+At the top of the climb, the middle of its last step is kept if it does as well (within
+GAIN): fewer deliveries at once cost the mail system less for the same rate. Settled, it
+probes a quarter higher now and then, keeping the step only if the rate grows by GAIN.
+Temporary failures (timeouts, 4xx, EX_TEMPFAIL) in a window halve it at once, and it
+stays low for a cool-down: a failing smarthost is not hammered. It never goes above
 `max_workers` or below 1.
 """
 
@@ -25,7 +27,7 @@ START = 8  # low beside max_workers, yet where a local MTA already runs near its
 MIN_WINDOW = 0.05  # seconds: a window is at least this long...
 MIN_DONE = 4  # ...and holds at least this many deliveries (and at least the limit)
 STEP = 4  # the climb's factor
-GAIN = 1.05  # a step or probe is kept only if the rate grows past this share (a busy machine moves rates by 10 %)
+GAIN = 1.05  # a probe must raise the rate past this share; a step's middle may be this much slower
 FAILING = 0.1  # temporary failures over this share of a window halve the limit
 COOL_DOWN = 5.0  # seconds without raising the limit after failures
 PROBE_EVERY = 5.0  # seconds between probes once settled
@@ -82,18 +84,17 @@ class Concurrency:
         self._new_window(now)
 
     def _climb(self, rate: float, now: float) -> None:
-        """One step of the climb: up STEP-fold while each step pays. A long step is then
-        tried at half its height (twice the last limit): taken back there if it did not pay,
-        or kept there if that does as well (fewer deliveries at once cost the mail system
-        less for the same rate), unless the step gave more than the middle possibly could
-        (a rate grows at most as fast as the concurrency)."""
+        """One step of the climb: up STEP-fold while the rate does not fall. A long step is
+        then tried at half its height (twice the last limit): taken back there if the rate
+        fell, or kept there if that does as well, unless the step gave more than the middle
+        possibly could (a rate grows at most as fast as the concurrency)."""
         if self._high is not None:  # the middle of a long step that paid, against its top
             high, high_rate = self._high
             self._high = None
             self._settle(self.limit if rate * GAIN >= high_rate else high, "settled", now)
             return
         low, low_rate = self._last if self._last is not None else (self.limit, 0.0)
-        if rate < low_rate * GAIN:  # this step did not pay
+        if rate < low_rate:  # this step did not pay
             self._top = self.limit
             if self.limit > 2 * low:
                 self._set(2 * low, "the rate did not grow", now)

@@ -30,6 +30,14 @@ def test_a_latency_bound_mail_system_gets_the_most_concurrency():
     assert seen[-1] == 32 and seen.index(32) < START  # after the first window: one round trip
 
 
+def test_a_mail_system_whose_rate_never_changes_is_not_given_the_most_concurrency():
+    """Where any concurrency gives the same rate, the climb settles below max_workers (fewer cost the mail system less)."""
+    clock = FakeClock(0.0)
+    concurrency = Concurrency("auto", 32, clock=clock)
+    seen = run(concurrency, clock, lambda limit: 1000, 3000)
+    assert seen[-1] < 32
+
+
 def test_a_mail_system_that_stops_gaining_halfway_up_a_step_settles_there():
     """Where the rate grows up to 16 and no further, the step to 32 is taken back to 16, not to 8."""
     clock = FakeClock(0.0)
