@@ -43,9 +43,8 @@ class Concurrency:
         self.limit = min(START, self.max) if self.adaptive else self.max
         self.clock, self.log = clock, log
         self._climbing = True
-        self._top = self.max + 1  # the least limit a climbing step found not to pay
         self._last: tuple[int, float] | None = None  # (limit, rate) before the climb's last step
-        self._high: tuple[int, float] | None = None  # (limit, rate) atop a long step, while its middle is tried
+        self._middle: tuple[float, int] | None = None  # trying a step's middle: (rate it needs, limit else)
         self._probe: tuple[int, float] | None = None  # (limit before, rate before) while probing
         self._no_rise_until = 0.0
         self._next_probe = 0.0
@@ -65,8 +64,8 @@ class Concurrency:
     def _judge(self, now: float) -> None:
         rate = self._done / (now - self._started)
         if self._failed > FAILING * self._done:
-            self._set(max(1, self.limit // 2), "temporary failures", now)
-            self._climbing, self._last, self._probe, self._high = False, None, None, None
+            self._set(max(1, self.limit // 2), "temporary failures")
+            self._climbing, self._last, self._probe, self._middle = False, None, None, None
             self._no_rise_until = self._next_probe = now + COOL_DOWN
         elif self._saturated * 2 < self._done or now < self._no_rise_until:
             pass  # work did not wait, or cooling down: nothing to learn about more concurrency
@@ -74,49 +73,50 @@ class Concurrency:
             before, before_rate = self._probe
             self._probe = None
             if rate < before_rate * GAIN:
-                self._set(before, "a probe did not pay", now)
+                self._set(before, "a probe did not pay")
             self._next_probe = now + PROBE_EVERY
         elif self._climbing:
             self._climb(rate, now)
         elif now >= self._next_probe and self.limit < self.max:
             self._probe = (self.limit, rate)
-            self._set(min(self.max, self.limit + max(1, self.limit // 4)), "probing", now)
+            self._set(min(self.max, self.limit + max(1, self.limit // 4)), "probing")
         self._new_window(now)
 
     def _climb(self, rate: float, now: float) -> None:
         """One step of the climb: up STEP-fold while the rate does not fall. A long step is
-        then tried at half its height (twice the last limit): taken back there if the rate
-        fell, or kept there if that does as well, unless the step gave more than the middle
-        possibly could (a rate grows at most as fast as the concurrency)."""
-        if self._high is not None:  # the middle of a long step that paid, against its top
-            high, high_rate = self._high
-            self._high = None
-            self._settle(self.limit if rate * GAIN >= high_rate else high, "settled", now)
+        then tried at half its height (twice the last limit): kept there if the rate did not
+        fall below where the step began (the step lowered it) or came within GAIN of the
+        step's (it did not), else taken back; skipped if the step gave more than the middle
+        possibly could (a rate grows at most as fast as the concurrency). Either way the
+        climb ends there."""
+        if self._middle is not None:  # the middle of the last step, tried
+            needed, otherwise = self._middle
+            self._settle(self.limit if rate >= needed else otherwise, now)
             return
         low, low_rate = self._last if self._last is not None else (self.limit, 0.0)
-        if rate < low_rate:  # this step did not pay
-            self._top = self.limit
-            if self.limit > 2 * low:
-                self._set(2 * low, "the rate did not grow", now)
-            else:
-                self._settle(low, "the rate did not grow", now)
-            return
-        up = min(self.max, STEP * self.limit)
-        if up < self._top and up > self.limit:
+        long_step = self.limit > 2 * low
+        if rate < low_rate and long_step:  # the step lowered the rate
+            self._try_middle(low_rate, low, 2 * low)
+        elif rate < low_rate:
+            self._settle(low, now)
+        elif self.limit < self.max:
             self._last = (self.limit, rate)
-            self._set(up, "the rate grew", now)
-        elif self.limit > 2 * low and rate < low_rate * 2 * GAIN:  # the middle might do as well
-            self._high = (self.limit, rate)
-            self._set(2 * low, "trying fewer", now)
+            self._set(min(self.max, STEP * self.limit), "the rate grew")
+        elif long_step and rate < low_rate * 2 * GAIN:  # the middle might do as well
+            self._try_middle(rate / GAIN, self.limit, 2 * low)
         else:
-            self._settle(self.limit, "settled", now)
+            self._settle(self.limit, now)
 
-    def _settle(self, limit: int, why: str, now: float) -> None:
-        self._climbing = False
+    def _try_middle(self, needed: float, otherwise: int, middle: int) -> None:
+        self._middle = (needed, otherwise)
+        self._set(middle, "trying the middle of the step")
+
+    def _settle(self, limit: int, now: float) -> None:
+        self._climbing, self._middle = False, None
         self._next_probe = now + PROBE_EVERY
-        self._set(limit, why, now)
+        self._set(limit, "settled")
 
-    def _set(self, limit: int, why: str, now: float) -> None:
+    def _set(self, limit: int, why: str) -> None:
         if limit != self.limit and self.log is not None:
             level = self.log.info if "failures" in why else self.log.debug
             level("concurrency_changed", concurrency=limit, was=self.limit, why=why)
