@@ -20,11 +20,11 @@ from pathlib import Path
 
 from tempfail import TARGET_FALL  # in-flight deliveries fall to half within this many seconds
 
-from bench import Prober, SqliteMode, counts, drain, latency, message
+from bench import TARGET_LOCK_MS, Prober, SqliteMode, counts, drain, latency, message
 
 LOCK_MESSAGES, LATENCY_MESSAGES, EVERY = 3000, 200, 0.020
 TARGET_BEST, TARGET_SPAWNER = 0.90, 1.3  # defaults / best fixed --workers; defaults / C spawner
-TARGET_P99_MS, TARGET_LOCK_MS = 10.0, 20.0
+TARGET_IDLE_P99_MS = 10.0  # issue 13, on an idle queue (bench.py's own latency check allows 100 ms)
 
 
 def measure(tmp: Path, sink: str, quick: bool) -> dict:
@@ -89,8 +89,8 @@ def summary(columns: list, failure: dict | None, lat: dict | None, fixed: list[i
     if lat is not None:
         p99, locks = lat["latency"]["p99"], [lat["drain"]["watch"], lat["latency"]["watch"]]
         longest = max(w["max_ms"] for w in locks)
-        out.append(_line(None if lat["error"] or math.isnan(p99) else p99 < TARGET_P99_MS,
-                         f"idle queue: p99 commit -> hand-off {p99:.1f} ms; target < {TARGET_P99_MS:g} ms"))
+        out.append(_line(None if lat["error"] or math.isnan(p99) else p99 < TARGET_IDLE_P99_MS,
+                         f"idle queue: p99 commit -> hand-off {p99:.1f} ms; target < {TARGET_IDLE_P99_MS:g} ms"))
         out.append(_line(None if lat["error"] else longest < TARGET_LOCK_MS and not any(w["busy"] for w in locks),
                          f"longest write lock {longest:.1f} ms (drain and idle queue), "
                          f"{sum(w['busy'] for w in locks)} SQLITE_BUSY; target < {TARGET_LOCK_MS:g} ms, none busy"))
