@@ -86,6 +86,20 @@ def test_a_virtual_table_with_disguised_text_is_refused(tmp_path):
     assert snapshot(harness.path) == before
 
 
+def test_a_virtual_table_disguised_in_text_and_rootpage_is_refused(tmp_path):
+    """A virtual table given a plain-looking CREATE text and a page number of its own is still refused, the file unchanged."""
+    harness = SqliteHarness(tmp_path / "emailqueue.db")
+    with sqlite3.connect(harness.path) as conn:
+        conn.execute("CREATE VIRTUAL TABLE sentlog USING fts4(mtime, xto, xfrom, xsubject, xsize)")
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("UPDATE sqlite_schema SET rootpage = 2, sql = 'CREATE /* plain */ VIRTUAL TABLE sentlog USING"
+                     " fts4(mtime, xto, xfrom, xsubject, xsize)' WHERE name = 'sentlog'")
+    before = snapshot(harness.path)
+    with pytest.raises(QueueError, match="'sentlog'.*refused"):
+        SqliteQueue(harness.path, lease=60, sentlog_retention=86400).open()
+    assert snapshot(harness.path) == before
+
+
 def test_a_generated_column_in_email_is_refused(tmp_path):
     """An email table whose msg is computed (zeroblob of a gigabyte, say) is not Fossil's."""
     path = tmp_path / "emailqueue.db"
